@@ -1,0 +1,69 @@
+// Momentum (EMA) update of the key encoder on the CPU: every pair of tensors in one call, split into
+// blocks of BLOCK elements that threads take in parallel; math in fp32 (fp64 for fp64 tensors),
+// p_k = m * p_k + (1 - m) * p_q with the same two roundings as the reference.
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <vector>
+
+namespace {
+
+constexpr int64_t BLOCK = 1 << 16;
+
+template <typename scalar_t, typename math_t>
+void ema_span(scalar_t* __restrict__ pk, const scalar_t* __restrict__ pq, int64_t n, math_t m, math_t om) {
+  for (int64_t i = 0; i < n; ++i) {
+    const math_t a = static_cast<math_t>(pk[i]) * m;
+    const math_t b = static_cast<math_t>(pq[i]) * om;
+    pk[i] = static_cast<scalar_t>(a + b);
+  }
+}
+
+void ema_block(const at::Tensor& pk, const at::Tensor& pq, int64_t begin, int64_t n, double m) {
+  switch (pk.scalar_type()) {
+    case at::kFloat:
+      return ema_span<float, float>(pk.data_ptr<float>() + begin, pq.data_ptr<float>() + begin, n,
+                                    static_cast<float>(m), static_cast<float>(1.0 - m));
+    case at::kDouble:
+      return ema_span<double, double>(pk.data_ptr<double>() + begin, pq.data_ptr<double>() + begin, n, m, 1.0 - m);
+    case at::kBFloat16:
+      return ema_span<c10::BFloat16, float>(pk.data_ptr<c10::BFloat16>() + begin,
+                                            pq.data_ptr<c10::BFloat16>() + begin, n, static_cast<float>(m),
+                                            static_cast<float>(1.0 - m));
+    case at::kHalf:
+      return ema_span<c10::Half, float>(pk.data_ptr<c10::Half>() + begin, pq.data_ptr<c10::Half>() + begin, n,
+                                        static_cast<float>(m), static_cast<float>(1.0 - m));
+    default:
+      TORCH_CHECK(false, "momentum_update_: unsupported dtype ", pk.scalar_type());
+  }
+}
+
+void momentum_update_cpu(at::TensorList params_k, at::TensorList params_q, const c10::optional<at::Tensor>& m_tensor,
+                         double m) {
+  TORCH_CHECK(params_k.size() == params_q.size(), "momentum_update_: params_k has ", params_k.size(),
+              " tensors but params_q has ", params_q.size());
+  if (m_tensor.has_value()) m = m_tensor->item<double>();
+  // Flatten the work into (tensor, offset) blocks so small and large tensors share the threads evenly.
+  std::vector<std::pair<int64_t, int64_t>> blocks;
+  for (size_t t = 0; t < params_k.size(); ++t) {
+    const at::Tensor &pk = params_k[t], &pq = params_q[t];
+    TORCH_CHECK(pk.sizes() == pq.sizes() && pk.strides() == pq.strides() && pk.scalar_type() == pq.scalar_type(),
+                "momentum_update_: pair ", t, " differs in shape, layout or dtype");
+    TORCH_CHECK(pk.is_non_overlapping_and_dense(), "momentum_update_: tensor ", t, " is not dense");
+    for (int64_t off = 0; off < pk.numel(); off += BLOCK) blocks.emplace_back(t, off);
+  }
+  at::parallel_for(0, static_cast<int64_t>(blocks.size()), 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const auto [t, off] = blocks[b];
+      const at::Tensor &pk = params_k[t], &pq = params_q[t];
+      ema_block(pk, pq, off, std::min(BLOCK, pk.numel() - off), m);
+    }
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(moco_fast, CPU, m) { m.impl("momentum_update_kernel_", &momentum_update_cpu); }

@@ -1,0 +1,24 @@
+// The schema of every C++ kernel op in the `moco_fast` namespace. CPU implementations live in
+// csrc/cpu/<op>.cpp, CUDA ones in csrc/cuda/<op>.cu; each registers itself with TORCH_LIBRARY_IMPL.
+// These are the low-level kernels: the public, autograd-aware and compile-friendly ops
+// (moco_fast::infonce, ...) are registered in Python (moco_fast/ops) and call these.
+#include <torch/extension.h>
+
+TORCH_LIBRARY(moco_fast, m) {
+  // One pass over the queue: returns (mean loss, dL/dq for an upstream gradient of 1, [acc1, acc5]).
+  // loss and dL/dq are float32 (float64 when an input is float64); stats are float32.
+  m.def("infonce_fwd(Tensor q, Tensor k, Tensor queue, float inv_temperature, bool allow_tf32) "
+        "-> (Tensor, Tensor, Tensor)");
+  // p_k <- m * p_k + (1 - m) * p_q for every pair; m from m_tensor when given, else from m.
+  m.def("momentum_update_kernel_(Tensor(a!)[] params_k, Tensor[] params_q, Tensor? m_tensor, float m) -> ()");
+  // queue[(ptr + i) % K] = keys[i] for i < B (the last K keys when B > K); ptr <- (ptr + B) % K.
+  m.def("enqueue_kernel_(Tensor(a!) queue, Tensor(b!) ptr, Tensor keys) -> ()");
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
+#ifdef MOCO_FAST_WITH_CUDA
+  module.attr("with_cuda") = true;
+#else
+  module.attr("with_cuda") = false;
+#endif
+}
