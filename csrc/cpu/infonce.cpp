@@ -87,7 +87,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> infonce_fwd_cpu(const at::Tensor&
     above.add_(p.above);
     max = new_max;
   }
-  at::Tensor loss = (max + sum.log() - pos).mean();
+  at::Tensor loss = ((max - pos) + sum.log()).mean();  // this order keeps precision when the positive dominates
   // dL/dq_i = (sum_j p_ij key_j - k_i) / (T N), the positive key included in the sum
   at::Tensor grad_q = (acc / sum.unsqueeze(1) - ka).mul_(inv_temperature / static_cast<double>(N));
   at::Tensor stats = at::stack({above.eq(0).to(at::kFloat).mean(), above.lt(5).to(at::kFloat).mean()});

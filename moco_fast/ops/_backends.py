@@ -1,0 +1,129 @@
+"""Which backends exist on this machine, and which one serves a call.
+
+Nothing is probed at import time: the C++ extension, Triton and CUDA are looked at on first use,
+so importing moco_fast works on any machine (the reference backend always runs).
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.util
+import logging
+import os
+import pathlib
+import sys
+
+import torch
+
+log = logging.getLogger("moco_fast")
+
+OPS = ("infonce", "momentum_update", "enqueue")
+BACKENDS = ("reference", "cpu", "cuda", "triton")
+# "auto" takes the first usable entry for the tensors' device type.
+AUTO_ORDER = {
+    "cuda": {"infonce": ("triton", "cuda", "reference"),
+             "momentum_update": ("cuda", "triton", "reference"),
+             "enqueue": ("cuda", "triton", "reference")},
+    "cpu": {op: ("cpu", "reference") for op in OPS},
+}
+BUILD_HINT = ("build it from the checkout with `python setup.py build_ext --inplace` "
+              "or `pip install --no-build-isolation -e .`")
+
+
+@functools.cache
+def extension():
+    """(module, None) when moco_fast._C imports, else (None, the reason)."""
+    try:
+        return importlib.import_module("moco_fast._C"), None
+    except ImportError as err:  # not built, or built against another torch
+        return None, f"{type(err).__name__}: {err}"
+
+
+def triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.cache
+def triton_kernels(op: str):
+    """The Triton launcher module of one op: moco_fast.kernels.<op> when installed, else ../kernels/<op>.py."""
+    name = f"moco_fast.kernels.{op}"
+    if importlib.util.find_spec("triton") is None:
+        raise RuntimeError("backend 'triton' needs the triton package: pip install triton")
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError:
+        pass
+    path = pathlib.Path(__file__).resolve().parents[2] / "kernels" / f"{op}.py"
+    if not path.is_file():
+        raise RuntimeError(f"backend 'triton' has no kernel for {op}: {path} is missing")
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def unusable_reason(op: str, backend: str, device_type: str) -> str | None:
+    """None when `backend` can run `op` on tensors of `device_type`, else a message saying what is missing."""
+    if backend == "reference":
+        return None
+    if backend in ("cpu", "cuda"):
+        ext, err = extension()
+        if ext is None:
+            return f"backend '{backend}' needs the C++ extension moco_fast._C, which is not built ({err}); {BUILD_HINT}"
+        if backend == "cpu" and device_type != "cpu":
+            return f"backend 'cpu' runs on CPU tensors; got {device_type} tensors (use 'cuda', 'triton' or 'auto')"
+        if backend == "cuda":
+            if not ext.with_cuda:
+                return ("backend 'cuda' is not built: moco_fast._C was compiled without its CUDA kernels; "
+                        f"rebuild on a machine with nvcc and a CUDA build of torch (MOCO_FAST_CUDA=1), {BUILD_HINT}")
+            if device_type != "cuda":
+                return f"backend 'cuda' runs on CUDA tensors; got {device_type} tensors (use 'cpu' or 'auto')"
+        return None
+    if backend == "triton":
+        if importlib.util.find_spec("triton") is None:
+            return "backend 'triton' needs the triton package (pip install triton)"
+        if device_type == "cpu" and not triton_interpreted():
+            return ("backend 'triton' on CPU tensors runs only under the Triton interpreter: "
+                    "set TRITON_INTERPRET=1 before importing moco_fast")
+        if device_type not in ("cpu", "cuda"):
+            return f"backend 'triton' runs on CUDA tensors; got {device_type} tensors"
+        return None
+    return f"unknown backend '{backend}'; choose one of {('auto',) + BACKENDS}"
+
+
+_RESOLVED: dict[tuple[str, str, str], str] = {}
+
+
+@torch.compiler.assume_constant_result  # run eagerly while tracing; the answer is a constant
+def resolve(op: str, backend: str, device_type: str) -> str:
+    """The concrete backend for a call; raises with the reason when the one asked for cannot run."""
+    key = (op, backend, device_type)
+    if key not in _RESOLVED:
+        _RESOLVED[key] = _resolve(op, backend, device_type)
+    return _RESOLVED[key]
+
+
+def _resolve(op: str, backend: str, device_type: str) -> str:
+    if backend == "auto":
+        for candidate in AUTO_ORDER.get(device_type, {}).get(op, ("reference",)):
+            if unusable_reason(op, candidate, device_type) is None:
+                log.info("moco_fast: %s on %s tensors uses the '%s' backend", op, device_type, candidate)
+                return candidate
+        return "reference"
+    reason = unusable_reason(op, backend, device_type)
+    if reason is not None:
+        raise RuntimeError(f"moco_fast.ops.{op}: {reason}")
+    return backend
+
+
+def available_backends() -> dict[str, list[str]]:
+    """Backends that can run on this machine, per op: CPU ones plus, when a GPU is visible, CUDA ones."""
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    return {op: [b for b in BACKENDS if any(unusable_reason(op, b, d) is None for d in devices)] for op in OPS}
+
+
+@torch.compiler.assume_constant_result  # fixed for a compiled graph: set the precision before compiling
+def allow_tf32() -> bool:
+    """fp32 inputs may use TF32 tensor cores unless matmul precision is "highest"."""
+    return torch.get_float32_matmul_precision() != "highest"

@@ -1,0 +1,88 @@
+"""Input checks for the public ops: every message names the argument, what was expected and what came."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def _fail(op: str, message: str):
+    raise ValueError(f"moco_fast.ops.{op}: {message}")
+
+
+def check_tensor(op: str, name: str, t, *, dim: int | None = None, dtypes=FLOAT_DTYPES, device=None,
+                 contiguous: bool = False) -> None:
+    if not isinstance(t, torch.Tensor):
+        _fail(op, f"{name} must be a torch.Tensor; got {type(t).__name__}")
+    if dim is not None and t.dim() != dim:
+        _fail(op, f"{name} must have {dim} dimensions; got shape {tuple(t.shape)}")
+    if dtypes is not None and t.dtype not in dtypes:
+        _fail(op, f"{name} must have dtype in {[str(d) for d in dtypes]}; got {t.dtype}")
+    if device is not None and t.device != device:
+        _fail(op, f"{name} must be on {device} like the other inputs; got {t.device}")
+    if contiguous and not t.is_contiguous():
+        _fail(op, f"{name} must be contiguous; got shape {tuple(t.shape)} with strides {t.stride()}")
+
+
+def check_infonce(q, k, queue, temperature) -> None:
+    check_tensor("infonce", "q", q, dim=2)
+    check_tensor("infonce", "k", k, dim=2, device=q.device)
+    check_tensor("infonce", "queue", queue, dim=2, device=q.device, contiguous=True)
+    N, C = q.shape
+    if N < 1 or C < 1:
+        _fail("infonce", f"q must be (N, C) with N >= 1 and C >= 1; got shape {tuple(q.shape)}")
+    if k.shape != q.shape:
+        _fail("infonce", f"k must have the shape of q, {tuple(q.shape)}; got {tuple(k.shape)}")
+    if queue.shape[1] != C or queue.shape[0] < 1:
+        _fail("infonce", f"queue must be (K, {C}) with K >= 1; got {tuple(queue.shape)}")
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+        _fail("infonce", f"temperature must be a positive finite float; got {temperature!r}")
+
+
+def check_momentum_update(params_k, params_q, m) -> None:
+    op = "momentum_update_"
+    if len(params_k) != len(params_q):
+        _fail(op, f"params_k and params_q must have the same length; got {len(params_k)} and {len(params_q)}")
+    for i, (pk, pq) in enumerate(zip(params_k, params_q)):
+        check_tensor(op, f"params_k[{i}]", pk)
+        check_tensor(op, f"params_q[{i}]", pq, dtypes=(pk.dtype,), device=pk.device)
+        if pk.shape != pq.shape:
+            _fail(op, f"params_k[{i}] has shape {tuple(pk.shape)} but params_q[{i}] has {tuple(pq.shape)}")
+        if pk.stride() != pq.stride() or not _dense(pk):
+            _fail(op, f"params_k[{i}] and params_q[{i}] must be dense with equal strides; "
+                      f"got strides {pk.stride()} and {pq.stride()}")
+    if isinstance(m, torch.Tensor):
+        device = params_k[0].device if len(params_k) else m.device
+        if m.numel() != 1 or m.device != device or not m.is_floating_point():
+            _fail(op, f"m as a tensor must be one floating-point element on {device}; "
+                      f"got shape {tuple(m.shape)}, {m.dtype} on {m.device}")
+    elif not (isinstance(m, (int, float)) and 0.0 <= m <= 1.0):
+        _fail(op, f"m must be a float in [0, 1] or a one-element tensor; got {m!r}")
+
+
+def _dense(t: torch.Tensor) -> bool:
+    return t.numel() == 0 or _non_overlapping_and_dense(t)
+
+
+def _non_overlapping_and_dense(t: torch.Tensor) -> bool:
+    # dims sorted by stride must tile memory exactly, as torch's own is_non_overlapping_and_dense
+    expected = 1
+    for size, stride in sorted(zip(t.shape, t.stride()), key=lambda p: p[1]):
+        if size != 1 and stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def check_enqueue(queue, ptr, keys) -> None:
+    check_tensor("enqueue_", "queue", queue, dim=2, contiguous=True)
+    check_tensor("enqueue_", "ptr", ptr, dtypes=(torch.int64,), device=queue.device)
+    if tuple(ptr.shape) != (1,):
+        _fail("enqueue_", f"ptr must have shape (1,); got {tuple(ptr.shape)}")
+    check_tensor("enqueue_", "keys", keys, dim=2, device=queue.device)
+    if keys.shape[1] != queue.shape[1]:
+        _fail("enqueue_", f"keys must be (B, {queue.shape[1]}) like the queue's rows; got {tuple(keys.shape)}")
+    if queue.shape[0] < 1:
+        _fail("enqueue_", f"queue must have at least one row; got shape {tuple(queue.shape)}")

@@ -1,0 +1,44 @@
+import os
+import random
+
+import pytest
+import torch
+
+# Without a GPU the Triton kernels run on CPU tensors in the interpreter, which must be chosen before
+# triton is first imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from moco_fast.ops import _backends  # noqa: E402
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA device (run by scripts/gpu_check.sh)")
+    config.addinivalue_line("markers", "slow: takes more than a few seconds on the 2-core CPU")
+
+
+@pytest.fixture(autouse=True)
+def seed():
+    random.seed(0)
+    torch.manual_seed(0)
+
+
+def fast_backends(op: str):
+    """pytest.params of (device, backend) for every fast backend, skipped where it cannot run."""
+    params = []
+    for device, backend in [("cpu", "cpu"), ("cpu", "triton"), ("cuda", "cuda"), ("cuda", "triton")]:
+        marks = [pytest.mark.gpu] if device == "cuda" else []
+        reason = "no CUDA device" if device == "cuda" and not torch.cuda.is_available() else (
+            _backends.unusable_reason(op, backend, device))
+        if backend == "triton" and reason is None and not (
+                _backends.pathlib.Path(__file__).parents[1] / "kernels" / f"{op}.py").is_file():
+            reason = f"kernels/{op}.py is not written yet"
+        if reason:
+            marks.append(pytest.mark.skip(reason=reason))
+        params.append(pytest.param(device, backend, marks=marks, id=f"{backend}-{device}"))
+    return params
+
+
+def poison_allocator(device: str, nbytes: int = 64 << 20) -> None:
+    """Leave NaN in memory the allocator hands out next, so a kernel that skips a write is caught."""
+    torch.full((nbytes // 4,), float("nan"), device=device)

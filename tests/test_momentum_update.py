@@ -1,0 +1,100 @@
+"""ops.momentum_update_ against momentum_update_ref_, every fast backend, odd sizes and dtypes."""
+import pytest
+import torch
+import torchvision
+
+from conftest import fast_backends
+from moco_fast import ops
+from moco_fast.ops import _custom
+from moco_fast.reference import momentum_update_ref_
+
+SIZES = [(1,), (7,), (0,), (1000,), (3, 5, 7), (4099,), (65536 + 3,)]
+
+
+def make_pairs(sizes, dtype, device):
+    params_k = [torch.randn(s, dtype=dtype, device=device) for s in sizes]
+    params_q = [torch.randn(s, dtype=dtype, device=device) for s in sizes]
+    return params_k, params_q
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64],
+                         ids=["f32", "bf16", "f16", "f64"])
+@pytest.mark.parametrize("m_kind", ["float", "tensor"])
+@pytest.mark.parametrize("device, backend", fast_backends("momentum_update"))
+def test_momentum_update_matches_reference(device, backend, dtype, m_kind):
+    if dtype == torch.float64 and backend != "cpu":
+        pytest.skip("fp64 parameters run on the reference and cpu backends")
+    if dtype == torch.bfloat16 and (backend, device) == ("triton", "cpu"):
+        pytest.skip("the Triton interpreter has no bf16")
+    params_k, params_q = make_pairs(SIZES, dtype, device)
+    expected = [p.clone() for p in params_k]
+    m = 0.999 if m_kind == "float" else torch.tensor([0.999], device=device)
+    momentum_update_ref_(expected, params_q, float(m))  # a tensor holds 0.999 rounded to fp32
+    ops.momentum_update_(params_k, params_q, m, backend=backend)
+    for got, want in zip(params_k, expected):
+        # the same two roundings in the same dtype: bitwise equal
+        assert torch.equal(got, want), (got - want).abs().max()
+
+
+@pytest.mark.parametrize("device, backend", fast_backends("momentum_update"))
+def test_momentum_update_resnet50_and_mixed_dtypes(device, backend):
+    """A ResNet-50's 161 tensors in one call, then fp32 and fp16 pairs mixed in one list."""
+    if (backend, device) == ("triton", "cpu"):
+        pytest.skip("too large for the Triton interpreter")
+    q = list(torchvision.models.resnet50().to(device).parameters())
+    k = [torch.randn_like(p) for p in q]
+    expected = [p.clone() for p in k]
+    momentum_update_ref_(expected, q, 0.99)
+    ops.momentum_update_(k, [p.detach() for p in q], 0.99, backend=backend)
+    assert len(k) == 161 and all(torch.equal(a, b) for a, b in zip(k, expected))
+    k32, q32 = make_pairs([(5,), (300,)], torch.float32, device)
+    k16, q16 = make_pairs([(9,), (70,)], torch.float16, device)
+    mixed_k, mixed_q = [k32[0], k16[0], k32[1], k16[1]], [q32[0], q16[0], q32[1], q16[1]]
+    expected = [p.clone() for p in mixed_k]
+    momentum_update_ref_(expected, mixed_q, 0.5)
+    ops.momentum_update_(mixed_k, mixed_q, 0.5, backend=backend)
+    assert all(torch.equal(a, b) for a, b in zip(mixed_k, expected))
+
+
+@pytest.mark.parametrize("device, backend", fast_backends("momentum_update"))
+def test_momentum_update_channels_last(device, backend):
+    """Dense non-contiguous tensors (a channels_last conv weight) are updated in their own layout."""
+    k = torch.randn(8, 3, 5, 5, device=device).to(memory_format=torch.channels_last)
+    q = torch.randn(8, 3, 5, 5, device=device).to(memory_format=torch.channels_last)
+    expected = k.clone()
+    momentum_update_ref_([expected], [q], 0.9)
+    ops.momentum_update_([k], [q], 0.9, backend=backend)
+    assert torch.equal(k, expected)
+
+
+@pytest.mark.parametrize("device, backend", fast_backends("momentum_update") + [pytest.param("cpu", "reference", id="reference")])
+def test_momentum_update_opcheck_and_compile(device, backend):
+    params_k, params_q = make_pairs([(5,), (3, 4)], torch.float32, device)
+    m = torch.tensor([0.9], device=device)
+    torch.library.opcheck(_custom.momentum_update_op, ([p.clone() for p in params_k], params_q, m, 0.0, backend))
+    torch.library.opcheck(_custom.momentum_update_op, ([p.clone() for p in params_k], params_q, None, 0.9, backend))
+    compiled = torch.compile(lambda pk, pq, m: ops.momentum_update_(pk, pq, m, backend=backend), fullgraph=True)
+    expected = [p.clone() for p in params_k]
+    for value in (0.9, 0.5):  # a new momentum value needs no recompilation: it is data
+        m.fill_(value)
+        momentum_update_ref_(expected, params_q, float(m))
+        compiled(params_k, params_q, m)
+        assert all(torch.equal(a, b) for a, b in zip(params_k, expected))
+
+
+def test_momentum_update_errors():
+    k, q = make_pairs([(4,), (6,)], torch.float32, "cpu")
+    with pytest.raises(ValueError, match=r"params_k and params_q must have the same length; got 2 and 1"):
+        ops.momentum_update_(k, q[:1], 0.9)
+    with pytest.raises(ValueError, match=r"params_k\[1\] has shape \(6,\) but params_q\[1\] has \(5,\)"):
+        ops.momentum_update_(k, [q[0], q[1][:5]], 0.9)
+    with pytest.raises(ValueError, match=r"params_q\[0\] must have dtype in \['torch.float32'\]; got torch.float16"):
+        ops.momentum_update_(k, [q[0].half(), q[1]], 0.9)
+    with pytest.raises(ValueError, match=r"params_q\[0\] must be on cpu like the other inputs; got meta"):
+        ops.momentum_update_(k, [q[0].to("meta"), q[1]], 0.9)
+    with pytest.raises(ValueError, match=r"must be dense with equal strides; got strides \(2,\) and \(2,\)"):
+        ops.momentum_update_([k[1][::2]], [q[1][::2]], 0.9)
+    with pytest.raises(ValueError, match=r"m must be a float in \[0, 1\] or a one-element tensor; got 1.5"):
+        ops.momentum_update_(k, q, 1.5)
+    with pytest.raises(ValueError, match=r"m as a tensor must be one floating-point element on cpu; got shape \(2,\)"):
+        ops.momentum_update_(k, q, torch.tensor([0.9, 0.9]))
