@@ -86,7 +86,14 @@ class MoCo(nn.Module):
             param_k.requires_grad = False      # not updated by gradient
         self.register_buffer("queue", F.normalize(torch.randn(K, dim), dim=1).to(queue_dtype))  # KxC
         self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
-        self.register_buffer("momentum", torch.tensor([float(m)]), persistent=False)
+        # float64 so the kernels see exactly the Python float the official code uses
+        self.register_buffer("momentum", torch.tensor([float(m)], dtype=torch.float64), persistent=False)
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        # .to(dtype)/.half() convert floating buffers; the momentum stays the exact float64 of self.m
+        self.momentum = torch.tensor([self.m], dtype=torch.float64, device=self.momentum.device)
+        return self
 
     def set_momentum(self, m: float) -> None:
         """Change the EMA momentum (a schedule): the device tensor is written, nothing recompiles."""
