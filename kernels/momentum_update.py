@@ -1,0 +1,133 @@
+"""Momentum (EMA) update of the key encoder in Triton: every pair of tensors in ONE launch.
+
+p_k <- m * p_k + (1 - m) * p_q, computed as a = fp32(p_k) * m; b = fp32(p_q) * (1 - m);
+p_k = cast(a + b), the two roundings of the reference (fp-fusion is off, so no FMA).
+
+The kernel reads a device-side table (int64) built once per pair of lists and cached:
+  [5 * t + 0..4]     for tensor t: address of p_k, address of p_q, numel, first block, dtype code
+  [5 * T + b]        for block b: the index of its tensor (the block -> tensor map)
+so program b finds its tensor with two loads and a repeated call copies nothing to the device.
+Mixed dtypes share the launch: the dtype code picks the branch (one compiled kernel per branch
+is inlined; a program takes one). Offsets are int64, so tensors above 2**31 elements work.
+The same path runs under TRITON_INTERPRET=1 (integer-to-pointer casts work on host memory).
+"""
+import os
+from collections import OrderedDict
+from typing import List, Optional
+
+import torch
+import triton
+import triton.language as tl
+
+_BLOCK = 4096  # elements per program: at 8 warps, 16 elements (4 x 16 B loads) per thread per tensor
+_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+_CACHE_SIZE = 8
+_TABLES: "OrderedDict[tuple, tuple]" = OrderedDict()
+
+
+@triton.jit
+def _ema_block(k_addr, q_addr, offs, mask, m, om, DT: tl.constexpr):
+    pk = k_addr.to(tl.pointer_type(DT))
+    pq = q_addr.to(tl.pointer_type(DT))
+    a = tl.load(pk + offs, mask=mask).to(tl.float32) * m
+    b = tl.load(pq + offs, mask=mask).to(tl.float32) * om
+    tl.store(pk + offs, (a + b).to(DT), mask=mask)
+
+
+@triton.jit
+def _momentum_update_kernel(table_ptr, n_tensors, m_ptr, m_val, om_val,
+                            HAS_M_TENSOR: tl.constexpr, BLOCK: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    t = tl.load(table_ptr + 5 * n_tensors + pid)
+    rec = table_ptr + 5 * t
+    k_addr = tl.load(rec)
+    q_addr = tl.load(rec + 1)
+    numel = tl.load(rec + 2)
+    first = tl.load(rec + 3)
+    code = tl.load(rec + 4)
+    offs = (pid - first) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    mask = offs < numel
+    if HAS_M_TENSOR:
+        # 1 - m in fp64, then both rounded to fp32: what the reference does with float(m)
+        mt = tl.load(m_ptr).to(tl.float64)
+        m = mt.to(tl.float32)
+        om = (1.0 - mt).to(tl.float32)
+    else:
+        m = m_val
+        om = om_val
+    if code == 0:
+        _ema_block(k_addr, q_addr, offs, mask, m, om, tl.float32)
+    elif code == 1:
+        _ema_block(k_addr, q_addr, offs, mask, m, om, tl.bfloat16)
+    else:
+        _ema_block(k_addr, q_addr, offs, mask, m, om, tl.float16)
+
+
+def _dense(t: torch.Tensor) -> bool:
+    """Elements fill numel() consecutive slots from data_ptr() in some order (any permutation)."""
+    expected = 1
+    for stride, size in sorted((st, sz) for sz, st in zip(t.shape, t.stride()) if sz != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _check(params_k: List[torch.Tensor], params_q: List[torch.Tensor], m_tensor: Optional[torch.Tensor]) -> None:
+    if len(params_k) != len(params_q):
+        raise ValueError(f"momentum_update_: params_k has {len(params_k)} tensors, params_q {len(params_q)}")
+    dev = params_k[0].device
+    for i, (pk, pq) in enumerate(zip(params_k, params_q)):
+        if pk.shape != pq.shape or pk.dtype != pq.dtype or pk.stride() != pq.stride():
+            raise ValueError(f"momentum_update_: pair {i} differs: params_k {tuple(pk.shape)} {pk.dtype} "
+                             f"{pk.stride()} vs params_q {tuple(pq.shape)} {pq.dtype} {pq.stride()}")
+        if pk.dtype not in _CODES:
+            raise TypeError(f"momentum_update_: pair {i} has dtype {pk.dtype}; the Triton kernel takes "
+                            "float32, bfloat16 and float16")
+        if pk.device != dev or pq.device != dev:
+            raise ValueError(f"momentum_update_: pair {i} is on {pk.device}/{pq.device}, expected {dev}")
+        if not _dense(pk):
+            raise ValueError(f"momentum_update_: pair {i} is not dense (strides {pk.stride()})")
+    if m_tensor is not None and (m_tensor.numel() != 1 or m_tensor.device != dev):
+        raise ValueError(f"momentum_update_: m_tensor must be one element on {dev}, got shape "
+                         f"{tuple(m_tensor.shape)} on {m_tensor.device}")
+    if dev.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError("momentum_update_: CPU tensors need TRITON_INTERPRET=1 set before triton is imported")
+
+
+def _table(params_k: List[torch.Tensor], params_q: List[torch.Tensor]):
+    """(device table, number of blocks), cached by addresses, dtypes and sizes (LRU of 8)."""
+    key = (params_k[0].device,) + tuple((pk.data_ptr(), pq.data_ptr(), pk.dtype, pk.numel())
+                                         for pk, pq in zip(params_k, params_q))
+    hit = _TABLES.get(key)
+    if hit is not None:
+        _TABLES.move_to_end(key)
+        return hit
+    counts = torch.tensor([triton.cdiv(pk.numel(), _BLOCK) for pk in params_k], dtype=torch.int64)
+    first = torch.cumsum(counts, 0) - counts
+    rec = torch.tensor([[pk.data_ptr(), pq.data_ptr(), pk.numel(), 0, _CODES[pk.dtype]]
+                        for pk, pq in zip(params_k, params_q)], dtype=torch.int64)
+    rec[:, 3] = first
+    owner = torch.repeat_interleave(torch.arange(len(params_k), dtype=torch.int64), counts)
+    table = torch.cat([rec.flatten(), owner]).to(params_k[0].device)
+    hit = (table, int(counts.sum()))
+    _TABLES[key] = hit
+    if len(_TABLES) > _CACHE_SIZE:
+        _TABLES.popitem(last=False)
+    return hit
+
+
+def momentum_update_(params_k: List[torch.Tensor], params_q: List[torch.Tensor],
+                     m_tensor: Optional[torch.Tensor], m: float) -> None:
+    """For every pair, p_k <- m * p_k + (1 - m) * p_q in place; m is read from m_tensor (one
+    element on the params' device, read on the device) when given, else the float m."""
+    if len(params_k) == 0 and len(params_q) == 0:
+        return
+    _check(params_k, params_q, m_tensor)
+    table, n_blocks = _table(params_k, params_q)
+    if n_blocks == 0:
+        return
+    m = float(m)
+    _momentum_update_kernel[(n_blocks,)](
+        table, len(params_k), m_tensor if m_tensor is not None else table, m, 1.0 - m,
+        HAS_M_TENSOR=m_tensor is not None, BLOCK=_BLOCK, num_warps=8, enable_fp_fusion=False)

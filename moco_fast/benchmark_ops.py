@@ -1,0 +1,185 @@
+"""The op benchmarks behind scripts/bench_ops.py: every provider of an op side by side in one run.
+
+Floors are stated in the code: InfoNCE does 4*N*K*C FLOPs (logits and the weighted key sum) and must
+read the queue once; the EMA moves 12 bytes per fp32 parameter (read p_k and p_q, write p_k); enqueue
+writes B rows. Each figure is a median with warm-up excluded; compile time is reported apart.
+"""
+from __future__ import annotations
+
+import multiprocessing
+import time
+
+import torch
+import torch.nn.functional as F
+import torchvision
+
+from moco_fast import ops
+from moco_fast.benchmark import (copy_bandwidth_gbps, matmul_tflops, median_seconds, peak_extra_mib,
+                                 wall_seconds_per_call)
+from moco_fast.ops._backends import unusable_reason
+from moco_fast.reference import enqueue_ref_, infonce_ref, momentum_update_ref_
+
+T = 0.2
+
+
+def fast_backends(op: str, device: str) -> list[str]:
+    """Fast backends that really run on this device (the Triton interpreter is no benchmark)."""
+    names = ["cpu"] if device == "cpu" else ["cuda", "triton"]
+    return [b for b in names if unusable_reason(op, b, device) is None]
+
+
+# ---------------------------------------------------------------------------------------- infonce
+def infonce_cases(device: str, quick: bool):
+    """(N, C, K, queue dtype, fp32 matmul precision)."""
+    if quick:
+        return [(16, 32, 1000, torch.float32, "highest")]
+    if device == "cpu":
+        return [(256, 128, 65536, torch.float32, "highest"), (32, 128, 65536, torch.float32, "highest")]
+    return [(256, 128, 65536, torch.float32, "high"), (256, 128, 65536, torch.bfloat16, "high"),
+            (256, 128, 65536, torch.float32, "highest"), (256, 128, 1 << 20, torch.float32, "high"),
+            (32, 128, 65536, torch.float32, "high")]
+
+
+def _infonce_inputs(N, C, K, queue_dtype, device):
+    q = F.normalize(torch.randn(N, C, device=device), dim=1).requires_grad_(True)
+    k = F.normalize(torch.randn(N, C, device=device), dim=1)
+    queue = F.normalize(torch.randn(K, C, device=device), dim=1).to(queue_dtype)
+    return q, k, queue
+
+
+def _infonce_step(provider: str, q, k, queue):
+    if provider.startswith("reference"):
+        fn = torch.compile(infonce_ref) if provider == "reference-compiled" else infonce_ref
+    else:
+        def fn(q, k, queue, t):
+            return ops.infonce(q, k, queue, t, backend=provider)
+
+    def step():
+        fn(q, k, queue, T).backward()
+        q.grad = None
+    return step
+
+
+def _infonce_memory_probe(provider, N, C, K, queue_dtype, precision, device):
+    """Run in a fresh process on the CPU, where the peak resident set only grows."""
+    torch.set_float32_matmul_precision(precision)
+    q, k, queue = _infonce_inputs(N, C, K, queue_dtype, device)
+    step = _infonce_step(provider, q, k, queue)
+    if provider == "reference-compiled":
+        step()  # compile first: its memory is not the op's
+    return peak_extra_mib(step, device)
+
+
+def bench_infonce(device: str, quick: bool = False, copy_gbps: float = 0.0) -> list[dict]:
+    rows = []
+    for N, C, K, queue_dtype, precision in infonce_cases(device, quick):
+        torch.set_float32_matmul_precision(precision)
+        q, k, queue = _infonce_inputs(N, C, K, queue_dtype, device)
+        flops = 4 * N * K * C
+        mm_dtype = torch.bfloat16 if queue_dtype == torch.bfloat16 else torch.float32
+        rate = matmul_tflops(device, mm_dtype, 512 if device == "cpu" or quick else 8192)
+        floor = max(flops / (rate * 1e12), queue.numel() * queue.element_size() / (copy_gbps * 1e9))
+        case = f"N={N} C={C} K={K} queue={str(queue_dtype).removeprefix('torch.')} {precision}"
+        ref_time = None
+        for provider in ["reference", "reference-compiled"] + fast_backends("infonce", device):
+            step = _infonce_step(provider, q, k, queue)
+            compile_s = None
+            if provider == "reference-compiled":
+                t0 = time.perf_counter()
+                step()
+                compile_s = time.perf_counter() - t0
+            seconds = median_seconds(step, device, repeats=30 if device == "cpu" else 100)
+            ref_time = ref_time or seconds
+            if device == "cpu":  # a fresh process each, so one provider's peak does not hide another's
+                with multiprocessing.get_context("spawn").Pool(1) as pool:
+                    mib = pool.apply(_infonce_memory_probe, (provider, N, C, K, queue_dtype, precision, device))
+            else:
+                mib = peak_extra_mib(step, device)
+            rows.append({"op": "infonce", "case": case, "provider": provider, "time_us": seconds * 1e6,
+                         "TFLOP/s": flops / seconds / 1e12, "speedup_vs_ref": ref_time / seconds,
+                         "x_floor": seconds / floor, "peak_extra_MiB": mib, "compile_s": compile_s})
+        del q, k, queue
+    torch.set_float32_matmul_precision("highest")
+    return rows
+
+
+# -------------------------------------------------------------------------------- momentum_update
+def bench_momentum_update(device: str, quick: bool = False, copy_gbps: float = 0.0) -> list[dict]:
+    encoder = (torchvision.models.resnet18() if quick else torchvision.models.resnet50()).to(device)
+    # random values of the encoder's shapes: fresh init has tiny weights whose EMA runs into denormals
+    params_q = [torch.randn_like(p) for p in encoder.parameters()]
+    params_k = [torch.randn_like(p) for p in params_q]
+    numel = sum(p.numel() for p in params_q)
+    nbytes = 12 * numel  # read p_k and p_q, write p_k (fp32)
+    m = 0.999
+    flat_q, flat_k = torch.randn(numel, device=device), torch.randn(numel, device=device)
+    holders = [torch.nn.Parameter(p.clone(), requires_grad=False) for p in params_k]
+    del encoder
+
+    def official_loop():  # facebookresearch/moco: a new tensor per parameter
+        for p_q, p_k in zip(params_q, holders):
+            p_k.data = p_k.data * m + p_q.data * (1.0 - m)
+
+    providers = {
+        "official-loop": official_loop,
+        "reference": lambda: momentum_update_ref_(params_k, params_q, m),
+        "foreach_lerp_": lambda: torch._foreach_lerp_(params_k, params_q, 1 - m),
+        "flat lerp_": lambda: flat_k.lerp_(flat_q, 1 - m),
+    }
+    for backend in fast_backends("momentum_update", device):
+        providers[backend] = lambda b=backend: ops.momentum_update_(params_k, params_q, m, backend=b)
+    rows, ref_time = [], None
+    case = f"{'ResNet-18' if quick else 'ResNet-50'}: {len(params_q)} tensors, {numel / 1e6:.1f}M fp32"
+    for name, fn in providers.items():
+        seconds = median_seconds(fn, device, repeats=20 if device == "cpu" else 100)
+        ref_time = seconds if name == "reference" else ref_time
+        rows.append({"op": "momentum_update", "case": case, "provider": name, "time_us": seconds * 1e6,
+                     "GB/s": nbytes / seconds / 1e9, "x_floor": seconds / (nbytes / (copy_gbps * 1e9))})
+    for row in rows:
+        row["speedup_vs_ref"] = ref_time / (row["time_us"] / 1e6)
+    return rows
+
+
+# ---------------------------------------------------------------------------------------- enqueue
+def bench_enqueue(device: str, quick: bool = False, copy_gbps: float = 0.0) -> list[dict]:
+    K, C, B = (4096, 128, 64) if quick else (65536, 128, 256)
+    queue = torch.randn(K, C, device=device)
+    ptr = torch.zeros(1, dtype=torch.long, device=device)
+    keys = torch.randn(B, C, device=device)
+
+    def official():  # host read of the pointer: a device synchronisation per step
+        p = int(ptr)
+        queue[p:p + B] = keys
+        ptr[0] = (p + B) % K
+
+    def index_copy():
+        idx = (ptr + torch.arange(B, device=device)) % K
+        queue.index_copy_(0, idx, keys)
+        ptr.add_(B).remainder_(K)
+
+    providers = {"official (sync)": official, "index_copy_": index_copy,
+                 "reference": lambda: enqueue_ref_(queue, ptr, keys)}
+    for backend in fast_backends("enqueue", device):
+        providers[backend] = lambda b=backend: ops.enqueue_(queue, ptr, keys, backend=b)
+    rows, ref_time = [], None
+    nbytes = 2 * B * C * 4
+    for name, fn in providers.items():
+        seconds = median_seconds(fn, device, repeats=50 if device == "cpu" else 200)
+        wall = wall_seconds_per_call(fn, device, calls=50 if name == "reference" else 500)
+        ref_time = seconds if name == "reference" else ref_time
+        rows.append({"op": "enqueue", "case": f"K={K} C={C} B={B}", "provider": name, "time_us": seconds * 1e6,
+                     "wall_us": wall * 1e6, "x_floor": seconds / (nbytes / (copy_gbps * 1e9))})
+    for row in rows:
+        row["speedup_vs_ref"] = ref_time / (row["time_us"] / 1e6)
+    return rows
+
+
+BENCHES = {"infonce": bench_infonce, "momentum_update": bench_momentum_update, "enqueue": bench_enqueue}
+
+
+def run(op_names: list[str], device: str, quick: bool = False) -> tuple[float, list[dict]]:
+    copy_gbps = copy_bandwidth_gbps(device, (64 << 20) if device == "cpu" or quick else (2 << 30))
+    rows = []
+    for name in op_names:
+        rows += BENCHES[name](device, quick=quick, copy_gbps=copy_gbps)
+    return copy_gbps, rows
