@@ -5,10 +5,11 @@ header names the machine, the versions and the commit, so a table can be read on
 """
 from __future__ import annotations
 
+import ctypes
+import functools
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import time
@@ -58,8 +59,9 @@ def wall_seconds_per_call(fn, device: str, calls: int = 200) -> float:
 
 
 def peak_extra_mib(fn, device: str) -> float:
-    """Peak memory fn() allocates beyond what exists before it: CUDA allocator stats, or on the CPU the
-    growth of the process's peak resident set (meaningful in a fresh process, see bench_ops)."""
+    """Peak memory fn() allocates beyond what exists before it: CUDA allocator statistics on the GPU;
+    on Linux CPUs the growth of the resident set's high-water mark, reset just before the call, with
+    every allocation of 64 KiB or more served by fresh pages (so reused heap memory is not missed)."""
     if device.startswith("cuda"):
         sync(device)
         torch.cuda.reset_peak_memory_stats()
@@ -67,9 +69,25 @@ def peak_extra_mib(fn, device: str) -> float:
         fn()
         sync(device)
         return (torch.cuda.max_memory_allocated() - base) / 2**20
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    _fresh_pages_for_large_allocations()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current resident set
+    base = _proc_status_kib("VmRSS")
     fn()
-    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    peak = _proc_status_kib("VmHWM")
+    ctypes.CDLL("libc.so.6").mallopt(-3, 128 << 10)  # back to glibc's initial threshold for the timings
+    return (peak - base) / 1024
+
+
+def _proc_status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+@functools.cache
+def _fresh_pages_for_large_allocations() -> None:
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallopt(-3, 64 << 10)  # M_MMAP_THRESHOLD: mmap (and unmap on free) every block >= 64 KiB
 
 
 def copy_bandwidth_gbps(device: str, nbytes: int) -> float:

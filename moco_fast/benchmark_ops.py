@@ -6,7 +6,6 @@ writes B rows. Each figure is a median with warm-up excluded; compile time is re
 """
 from __future__ import annotations
 
-import multiprocessing
 import time
 
 import torch
@@ -60,16 +59,6 @@ def _infonce_step(provider: str, q, k, queue):
     return step
 
 
-def _infonce_memory_probe(provider, N, C, K, queue_dtype, precision, device):
-    """Run in a fresh process on the CPU, where the peak resident set only grows."""
-    torch.set_float32_matmul_precision(precision)
-    q, k, queue = _infonce_inputs(N, C, K, queue_dtype, device)
-    step = _infonce_step(provider, q, k, queue)
-    if provider == "reference-compiled":
-        step()  # compile first: its memory is not the op's
-    return peak_extra_mib(step, device)
-
-
 def bench_infonce(device: str, quick: bool = False, copy_gbps: float = 0.0) -> list[dict]:
     rows = []
     for N, C, K, queue_dtype, precision in infonce_cases(device, quick):
@@ -90,11 +79,7 @@ def bench_infonce(device: str, quick: bool = False, copy_gbps: float = 0.0) -> l
                 compile_s = time.perf_counter() - t0
             seconds = median_seconds(step, device, repeats=30 if device == "cpu" else 100)
             ref_time = ref_time or seconds
-            if device == "cpu":  # a fresh process each, so one provider's peak does not hide another's
-                with multiprocessing.get_context("spawn").Pool(1) as pool:
-                    mib = pool.apply(_infonce_memory_probe, (provider, N, C, K, queue_dtype, precision, device))
-            else:
-                mib = peak_extra_mib(step, device)
+            mib = peak_extra_mib(step, device)
             rows.append({"op": "infonce", "case": case, "provider": provider, "time_us": seconds * 1e6,
                          "TFLOP/s": flops / seconds / 1e12, "speedup_vs_ref": ref_time / seconds,
                          "x_floor": seconds / floor, "peak_extra_MiB": mib, "compile_s": compile_s})

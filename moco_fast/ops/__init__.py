@@ -52,10 +52,11 @@ def momentum_update_(params_k, params_q, m, backend: str = "auto") -> None:
     if not params_k:
         return
     name = resolve("momentum_update", backend, params_k[0].device.type)
-    if isinstance(m, torch.Tensor):
-        _custom.momentum_update_op(params_k, params_q, m, 0.0, name)
+    m_tensor, m_float = (m, 0.0) if isinstance(m, torch.Tensor) else (None, float(m))
+    if _eager(params_k[0]):
+        _custom.kernel("momentum_update_", name)(params_k, params_q, m_tensor, m_float)
     else:
-        _custom.momentum_update_op(params_k, params_q, None, float(m), name)
+        _custom.momentum_update_op(params_k, params_q, m_tensor, m_float, name)
 
 
 def enqueue_(queue: torch.Tensor, ptr: torch.Tensor, keys: torch.Tensor, backend: str = "auto") -> None:
@@ -67,4 +68,14 @@ def enqueue_(queue: torch.Tensor, ptr: torch.Tensor, keys: torch.Tensor, backend
     """
     _validate.check_enqueue(queue, ptr, keys)
     name = resolve("enqueue", backend, queue.device.type)
-    _custom.enqueue_op(queue, ptr, keys, name)
+    if _eager(queue):
+        _custom.kernel("enqueue_", name)(queue, ptr, keys)
+    else:
+        _custom.enqueue_op(queue, ptr, keys, name)
+
+
+def _eager(t: torch.Tensor) -> bool:
+    """Plain eager call: the ops without autograd skip the custom-op dispatch, which costs tens of µs a
+    call, and reach their kernel directly. Under torch.compile (and for tensor subclasses such as fake
+    tensors) the registered op is used, so graphs see a declared mutation."""
+    return not torch.compiler.is_compiling() and type(t) is torch.Tensor

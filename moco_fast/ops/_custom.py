@@ -33,7 +33,7 @@ def _infonce_fwd_reference(q, k, queue, inv_temperature, allow_tf32):
     return loss.to(acc), grad_q, torch.stack([stats["acc1"], stats["acc5"]])
 
 
-def _kernel(op: str, backend: str):
+def kernel(op: str, backend: str):
     """The function implementing `op` ('infonce_fwd', 'momentum_update_', 'enqueue_') for a backend."""
     if backend in ("cpu", "cuda"):
         _backends.extension()  # loading the extension registers torch.ops.moco_fast.*
@@ -55,7 +55,7 @@ def _kernel(op: str, backend: str):
 def infonce_op(q: Tensor, k: Tensor, queue: Tensor, temperature: float, backend: str,
                allow_tf32: bool) -> tuple[Tensor, Tensor, Tensor]:
     """(mean loss, dL/dq for an upstream gradient of 1, [acc1, acc5]) in one pass over the queue."""
-    loss, grad_q, stats = _kernel("infonce_fwd", backend)(q, k, queue, 1.0 / temperature, allow_tf32)
+    loss, grad_q, stats = kernel("infonce_fwd", backend)(q, k, queue, 1.0 / temperature, allow_tf32)
     return loss, grad_q, stats
 
 
@@ -83,7 +83,7 @@ infonce_op.register_autograd(_infonce_backward, setup_context=_infonce_setup_con
 def momentum_update_op(params_k: list[Tensor], params_q: list[Tensor], m_tensor: Optional[Tensor], m: float,
                        backend: str) -> None:
     """p_k <- m * p_k + (1 - m) * p_q for every pair, m read from m_tensor when it is given."""
-    _kernel("momentum_update_", backend)(params_k, params_q, m_tensor, m)
+    kernel("momentum_update_", backend)(params_k, params_q, m_tensor, m)
 
 
 @momentum_update_op.register_fake
@@ -94,7 +94,7 @@ def _(params_k, params_q, m_tensor, m, backend):
 @torch.library.custom_op("moco_fast::enqueue_", mutates_args=("queue", "ptr"))
 def enqueue_op(queue: Tensor, ptr: Tensor, keys: Tensor, backend: str) -> None:
     """Write keys into the ring buffer at the device-side pointer, then advance it."""
-    _kernel("enqueue_", backend)(queue, ptr, keys)
+    kernel("enqueue_", backend)(queue, ptr, keys)
 
 
 @enqueue_op.register_fake
