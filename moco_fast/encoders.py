@@ -1,0 +1,59 @@
+"""Backbones by name: torchvision ResNets, their CIFAR-stem variants for small images, and a narrow
+ResNet for the CPU demo. Each builder takes num_classes (the projection size MoCo asks for)."""
+from __future__ import annotations
+
+import functools
+
+import torch.nn as nn
+import torchvision
+from torchvision.models.resnet import BasicBlock
+
+
+def cifar_stem(model: nn.Module) -> nn.Module:
+    """The official CIFAR demo's change for 32x32 inputs: a 3x3 stride-1 first conv and no max-pool."""
+    model.conv1 = nn.Conv2d(3, model.conv1.out_channels, kernel_size=3, stride=1, padding=1, bias=False)
+    model.maxpool = nn.Identity()
+    return model
+
+
+class SmallResNet(nn.Module):
+    """A narrow 3-stage ResNet (widths w, 2w, 4w; two BasicBlocks each) for small images on a CPU."""
+
+    def __init__(self, num_classes: int = 128, width: int = 32, norm_layer=nn.BatchNorm2d):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, width, 3, 1, 1, bias=False)
+        self.bn1 = norm_layer(width)
+        self.relu = nn.ReLU(inplace=True)
+        layers, inplanes = [], width
+        for i, planes in enumerate((width, 2 * width, 4 * width)):
+            stride = 1 if i == 0 else 2
+            down = None if stride == 1 and inplanes == planes else nn.Sequential(
+                nn.Conv2d(inplanes, planes, 1, stride, bias=False), norm_layer(planes))
+            layers += [BasicBlock(inplanes, planes, stride, down, norm_layer=norm_layer),
+                       BasicBlock(planes, planes, norm_layer=norm_layer)]
+            inplanes = planes
+        self.layers = nn.Sequential(*layers)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(inplanes, num_classes)
+
+    def forward(self, x):
+        x = self.layers(self.relu(self.bn1(self.conv1(x))))
+        return self.fc(self.avgpool(x).flatten(1))
+
+
+def _torchvision(name: str, small_images: bool, num_classes: int = 1000):
+    model = getattr(torchvision.models, name)(num_classes=num_classes)  # random init: nothing downloaded
+    return cifar_stem(model) if small_images else model
+
+
+ARCHS = {name: functools.partial(_torchvision, name, False)
+         for name in ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "wide_resnet50_2")}
+ARCHS.update({f"cifar_{name}": functools.partial(_torchvision, name, True) for name in ("resnet18", "resnet50")})
+ARCHS["small_resnet"] = SmallResNet
+
+
+def get_encoder(arch: str):
+    """The builder for `arch`: called as builder(num_classes=dim), like torchvision's models."""
+    if arch not in ARCHS:
+        raise ValueError(f"unknown arch {arch!r}; choose one of {sorted(ARCHS)}")
+    return ARCHS[arch]

@@ -1,0 +1,111 @@
+"""What a run shows and leaves behind: progress on rank 0, metrics.jsonl, TensorBoard, plot.png."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+
+class RunLog:
+    """Rank 0 writes; the other ranks' calls do nothing. Every record goes to stdout, metrics.jsonl and
+    TensorBoard; the progress bar is tqdm on a terminal and plain lines elsewhere."""
+
+    def __init__(self, output_dir: str, enabled: bool, resume: bool = False):
+        self.enabled, self.output_dir = enabled, output_dir
+        self._bar, self._writer, self._file = None, None, None
+        if not enabled:
+            return
+        os.makedirs(output_dir, exist_ok=True)
+        self._file = open(os.path.join(output_dir, "metrics.jsonl"), "a" if resume else "w")
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+            self._writer = SummaryWriter(os.path.join(output_dir, "tensorboard"))
+        except ImportError:  # tensorboard is optional: metrics.jsonl has everything
+            self.info("tensorboard is not installed: writing metrics.jsonl only (pip install tensorboard)")
+
+    def info(self, message: str) -> None:
+        if self.enabled:
+            (self._bar.write if self._bar is not None else print)(message)
+            sys.stdout.flush()
+
+    def start_epoch(self, epoch: int, steps: int, done: int = 0) -> None:
+        if self.enabled and sys.stderr.isatty():
+            from tqdm import tqdm
+            self._bar = tqdm(total=steps, initial=done, desc=f"epoch {epoch}", dynamic_ncols=True, leave=False)
+
+    def advance(self, n: int = 1) -> None:
+        if self._bar is not None:
+            self._bar.update(n)
+
+    def end_epoch(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+    def record(self, kind: str, step: int, values: dict, show: bool = True) -> None:
+        if not self.enabled:
+            return
+        row = {"kind": kind, "step": step, "time": time.time(), **values}
+        self._file.write(json.dumps(row) + "\n")
+        self._file.flush()
+        if self._writer is not None:
+            for key, value in values.items():
+                if isinstance(value, (int, float)) and key not in ("epoch",):
+                    self._writer.add_scalar(f"{kind}/{key}", value, step)
+        if self._bar is not None:
+            self._bar.set_postfix({k: f"{v:.4g}" for k, v in values.items() if k in ("loss", "acc1", "img_per_s")})
+        if show and (self._bar is None or kind != "train"):
+            self.info(f"[{kind}] step {step} " + " ".join(_fmt(k, v) for k, v in values.items()))
+
+    def close(self) -> None:
+        self.end_epoch()
+        if self._writer is not None:
+            self._writer.close()
+        if self._file is not None:
+            self._file.close()
+
+
+def _fmt(key, value) -> str:
+    return f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}"
+
+
+def read_metrics(output_dir: str) -> list[dict]:
+    path = os.path.join(output_dir, "metrics.jsonl")
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_run(output_dir: str) -> str | None:
+    """plot.png: the training loss (and Acc@1 against the queue), and the kNN accuracy when measured."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    rows = read_metrics(output_dir)
+    train = [r for r in rows if r["kind"] == "train"]
+    knn = [r for r in rows if r["kind"] == "knn"]
+    fig, axes = plt.subplots(1, 2 if knn else 1, figsize=(11 if knn else 6, 4), squeeze=False)
+    ax = axes[0][0]
+    ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="InfoNCE loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title("training loss")
+    if knn:
+        ax = axes[0][1]
+        ax.plot([r["step"] for r in knn], [r["knn_top1"] for r in knn], "o-", label="learned features")
+        for key, name in (("pixels_top1", "raw pixels"), ("untrained_top1", "untrained encoder")):
+            base = [r[key] for r in knn if key in r]
+            if base:
+                ax.axhline(base[-1], linestyle="--", color="gray" if key == "pixels_top1" else "red", label=name)
+        ax.set_xlabel("step")
+        ax.set_ylabel("kNN top-1 (%)")
+        ax.set_title("kNN monitor")
+        ax.legend()
+    fig.tight_layout()
+    path = os.path.join(output_dir, "plot.png")
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

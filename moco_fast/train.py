@@ -1,0 +1,303 @@
+"""MoCo pretraining: the loop behind `torchrun scripts/pretrain.py`.
+
+One process or DDP through torchrun's environment; the model compiled with torch.compile, bf16
+autocast on the GPU, channels_last, foreach/fused SGD, the fastest op backends picked automatically.
+Nothing in a step waits for the host except the metrics read every --print-freq steps. A run stopped
+anywhere continues from its last checkpoint (written every epoch and every --checkpoint-minutes,
+atomically); on the CPU a resumed run repeats the uninterrupted one's losses bitwise.
+"""
+from __future__ import annotations
+
+import math
+import os
+import random
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from moco_fast import checkpoint, data
+from moco_fast.config import Config, ConfigError
+from moco_fast.distributed import DistInfo, cleanup_distributed, setup_distributed
+from moco_fast.encoders import get_encoder
+from moco_fast.evaluate import knn_eval
+from moco_fast.model import MoCo
+from moco_fast.monitor import RunLog, plot_run
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+# ------------------------------------------------------------------------------------------ data
+class EpochSampler(torch.utils.data.Sampler):
+    """DistributedSampler's order for (seed, epoch), yielding (epoch, index) keys so that each sample's
+    augmentation can be seeded by its key; `skip` drops the first batches of a resumed epoch."""
+
+    def __init__(self, dataset, info: DistInfo, seed: int, batch_size: int):
+        self.inner = torch.utils.data.DistributedSampler(dataset, num_replicas=info.world_size, rank=info.rank,
+                                                         shuffle=True, seed=seed, drop_last=True)
+        self.batch_size, self.epoch, self.skip = batch_size, 0, 0
+
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        self.inner.set_epoch(epoch)
+        self.epoch, self.skip = epoch, skip_batches * self.batch_size
+
+    def __iter__(self):
+        for i, index in enumerate(self.inner):
+            if i >= self.skip:
+                yield self.epoch, index
+
+    def __len__(self):
+        return len(self.inner) - self.skip
+
+
+class SeededSamples(torch.utils.data.Dataset):
+    """Each sample's random augmentation is a function of (seed, epoch, index) alone: the same in any
+    worker, with any number of workers, and after a resume."""
+
+    def __init__(self, dataset, seed: int):
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        epoch, index = key
+        sample_seed = (self.seed * 1_000_003 + epoch) * 1_000_000_007 + index
+        in_main = torch.utils.data.get_worker_info() is None
+        saved = (torch.get_rng_state(), random.getstate(), np.random.get_state()) if in_main else None
+        torch.manual_seed(sample_seed)
+        random.seed(sample_seed)
+        np.random.seed(sample_seed % 2**32)
+        try:
+            return self.dataset[index]
+        finally:
+            if saved is not None:  # the main process's generators belong to the model (key shuffle)
+                torch.set_rng_state(saved[0])
+                random.setstate(saved[1])
+                np.random.set_state(saved[2])
+
+
+def image_spec(cfg: Config) -> dict:
+    """Crop size, normalisation and whether the images are small (CIFAR-like), for this data set."""
+    spec = data.DATASETS[data.detect_dataset(cfg.data, cfg.dataset)]._asdict()
+    return {**spec, "image_size": cfg.image_size} if cfg.image_size else spec
+
+
+def build_train_loader(cfg: Config, info: DistInfo, seed: int):
+    spec = image_spec(cfg)
+    base = data.moco_augmentation(cfg.aug_plus, **spec)
+    dataset = data.build_dataset(cfg.data, "train", data.TwoCropsTransform(base), cfg.dataset, cfg.max_bad_images)
+    per_rank = cfg.batch_size // info.world_size
+    if per_rank * info.world_size != cfg.batch_size:
+        raise ConfigError(f"--batch-size {cfg.batch_size} is not divisible by the {info.world_size} processes")
+    if len(dataset) < cfg.batch_size:
+        raise ConfigError(f"the data set has {len(dataset)} images, fewer than one batch of {cfg.batch_size}")
+    sampler = EpochSampler(dataset, info, seed, per_rank)
+    loader = torch.utils.data.DataLoader(
+        SeededSamples(dataset, seed), batch_size=per_rank, sampler=sampler, num_workers=cfg.workers,
+        pin_memory=info.device.type == "cuda", drop_last=True, persistent_workers=cfg.workers > 0,
+        collate_fn=data.collate_with_skipped,
+        generator=torch.Generator().manual_seed(seed))  # its seed draws must not shift the model's RNG
+    return loader, sampler
+
+
+def build_knn_loaders(cfg: Config, batch_size: int = 512):
+    """(bank loader, test loader, number of classes), or None when the data set has no labelled held-out split."""
+    if not data.has_split(cfg.data, "val", cfg.dataset):
+        return None
+    transform = data.eval_transform(**image_spec(cfg))
+    bank = data.build_dataset(cfg.data, "train", transform, cfg.dataset, cfg.max_bad_images, labelled=True)
+    test = data.build_dataset(cfg.data, "val", transform, cfg.dataset, cfg.max_bad_images)
+    if not bank.classes:
+        return None
+    make = lambda ds: data.make_loader(ds, batch_size, cfg.workers, shuffle=False, drop_last=False)  # noqa: E731
+    return make(bank), make(test), len(bank.classes)
+
+
+# ----------------------------------------------------------------------------------------- model
+def build_model(cfg: Config, device: torch.device) -> MoCo:
+    model = MoCo(get_encoder(cfg.arch), dim=cfg.moco_dim, K=cfg.moco_k, m=cfg.moco_m, T=cfg.moco_t, mlp=cfg.mlp,
+                 bn_splits=cfg.bn_splits, symmetric=cfg.symmetric, queue_dtype=getattr(torch, cfg.queue_dtype),
+                 backend=cfg.backend)
+    model = model.to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def learning_rate(cfg: Config, epoch: int) -> float:
+    """The official schedule, set at the start of each epoch: half-cosine (--cos) or 10x steps."""
+    if cfg.cos:
+        return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * epoch / cfg.epochs))
+    return cfg.lr * 0.1 ** sum(epoch >= milestone for milestone in cfg.schedule)
+
+
+def ema_momentum(cfg: Config, step: int, total_steps: int) -> float:
+    if not cfg.moco_m_cos:
+        return cfg.moco_m
+    return 1.0 - (1.0 - cfg.moco_m) * (math.cos(math.pi * step / max(1, total_steps)) + 1) / 2
+
+
+class Meter:
+    """Per-step metrics kept on the device; read (one host sync) every --print-freq steps."""
+
+    def __init__(self):
+        self.losses, self.acc1, self.acc5 = [], [], []
+        self.first_step, self.wait, self.start = None, 0.0, time.perf_counter()
+
+    def add(self, step: int, loss, stats, wait: float) -> None:
+        self.first_step = step if self.first_step is None else self.first_step
+        self.losses.append(loss.detach())
+        self.acc1.append(stats["acc1"].detach())
+        self.acc5.append(stats["acc5"].detach())
+        self.wait += wait
+
+    def flush(self, images_per_step: int) -> dict | None:
+        """Means since the last flush; raises NonFiniteLoss naming the first step whose loss is NaN or inf."""
+        if not self.losses:
+            return None
+        losses = torch.stack(self.losses).float().cpu()
+        bad = (~torch.isfinite(losses)).nonzero()
+        if len(bad):
+            step = self.first_step + int(bad[0])
+            raise NonFiniteLoss(f"the loss is {losses[int(bad[0])].item()} at step {step}: stopping; "
+                                "the last checkpoint, written before that step, is kept")
+        elapsed = time.perf_counter() - self.start
+        out = {"loss": losses.mean().item(), "acc1": 100 * torch.stack(self.acc1).float().mean().item(),
+               "acc5": 100 * torch.stack(self.acc5).float().mean().item(),
+               "img_per_s": images_per_step * len(losses) / elapsed, "data_wait": self.wait / elapsed}
+        self.__init__()
+        return out
+
+
+def resolve_resume(cfg: Config) -> str | None:
+    if cfg.resume == "auto":
+        path = os.path.join(cfg.output_dir, "checkpoint.pth")
+        return path if os.path.isfile(path) else None
+    return cfg.resume or None
+
+
+def make_optimizer(cfg: Config, model: MoCo, device: torch.device) -> torch.optim.Optimizer:
+    fused = device.type == "cuda"
+    return torch.optim.SGD(model.encoder_q.parameters(), cfg.lr, momentum=cfg.momentum,
+                           weight_decay=cfg.weight_decay, foreach=not fused, fused=fused or None)
+
+
+def save_checkpoint(cfg, model, opt, pos: dict, skipped: int, name: str = "checkpoint.pth") -> str:
+    path = os.path.join(cfg.output_dir, name)
+    checkpoint.save_atomic({"model": model.state_dict(), "optimizer": opt.state_dict(), **pos,
+                            "rng": checkpoint.rng_state(), "config": cfg.to_dict(), "skipped_images": skipped},
+                           path)
+    return path
+
+
+def knn_monitor(cfg, model, knn, device, log: RunLog, step: int, baselines: bool) -> dict:
+    bank, test, classes = knn
+    result = knn_eval(model.encoder_q, bank, test, classes, device, cfg.knn_k, cfg.knn_t)
+    if baselines:  # what the learned features must beat: raw pixels, and this encoder before training
+        result["pixels_top1"] = knn_eval(None, bank, test, classes, device, cfg.knn_k, cfg.knn_t, pixels=True)["knn_top1"]
+        result["untrained_top1"] = result["knn_top1"]
+    log.record("knn", step, result)
+    return result
+
+
+def run(cfg: Config) -> dict:
+    """Train as the config says; returns the last metrics. Called once per process (torchrun or plain)."""
+    info = setup_distributed(None if cfg.device == "auto" else cfg.device)
+    try:
+        return _run(cfg, info)
+    finally:
+        cleanup_distributed()
+
+
+def _run(cfg: Config, info: DistInfo) -> dict:
+    device = info.device
+    seed = cfg.seed if cfg.seed is not None else 0
+    resume_path = resolve_resume(cfg)
+    log = RunLog(cfg.output_dir, info.is_main, resume=resume_path is not None)
+    if info.is_main:
+        log.info(f"config ({info.world_size} process(es) on {device}):\n{cfg.dumps()}")
+        checkpoint.write_text_atomic(os.path.join(cfg.output_dir, "config.json"), cfg.dumps())
+    random.seed(seed), np.random.seed(seed), torch.manual_seed(seed)
+    loader, sampler = build_train_loader(cfg, info, seed)  # bad data paths fail here, before any work
+    knn = build_knn_loaders(cfg) if cfg.knn_every and info.is_main else None
+    model = build_model(cfg, device)
+    wrapped = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False) if info.world_size > 1 else model
+    step_fn = torch.compile(wrapped) if cfg.compile else wrapped
+    opt = make_optimizer(cfg, model, device)
+    use_bf16 = cfg.amp == "bf16" or (cfg.amp == "auto" and device.type == "cuda")
+    pos = {"epoch": 0, "step_in_epoch": 0, "global_step": 0}
+    skips = data.SkipCounter(cfg.max_bad_images)
+    if resume_path:
+        ck = checkpoint.load(resume_path)
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        pos = {key: ck[key] for key in pos}
+        checkpoint.set_rng_state(ck["rng"])
+        log.info(f"resumed from {resume_path} at epoch {pos['epoch']}, step {pos['global_step']}")
+    steps_per_epoch = len(sampler.inner) // sampler.batch_size
+    total = cfg.epochs * steps_per_epoch
+    max_steps = total if cfg.max_steps is None else min(total, cfg.max_steps)
+    if knn is not None and pos["global_step"] == 0:
+        knn_monitor(cfg, model, knn, device, log, 0, baselines=image_spec(cfg)["small"])
+    last, meter, last_save = {}, Meter(), time.monotonic()
+    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    while pos["global_step"] < max_steps:
+        epoch = pos["epoch"]
+        lr = learning_rate(cfg, epoch)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        sampler.set_epoch(epoch, skip_batches=pos["step_in_epoch"])
+        log.start_epoch(epoch, steps_per_epoch, pos["step_in_epoch"])
+        t = time.perf_counter()
+        for (im_q, im_k), _, skipped in loader:
+            skips.add(skipped)
+            wait = time.perf_counter() - t
+            im_q = im_q.to(device, non_blocking=True, memory_format=memory_format)
+            im_k = im_k.to(device, non_blocking=True, memory_format=memory_format)
+            momentum = ema_momentum(cfg, pos["global_step"], total)
+            if momentum != model.m:
+                model.set_momentum(momentum)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                loss, stats = step_fn(im_q, im_k)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            meter.add(pos["global_step"] + 1, loss, stats, wait)
+            pos["global_step"] += 1
+            pos["step_in_epoch"] += 1
+            log.advance()
+            done = pos["global_step"] >= max_steps
+            if pos["global_step"] % cfg.print_freq == 0 or done:
+                last = meter.flush(cfg.batch_size) or last
+                log.record("train", pos["global_step"], {**last, "epoch": epoch, "lr": lr, "moco_m": momentum,
+                                                          "skipped_images": skips.count})
+            if info.is_main and (done or time.monotonic() - last_save > 60 * cfg.checkpoint_minutes):
+                last = meter.flush(cfg.batch_size) or last  # never save past a non-finite loss
+                save_checkpoint(cfg, model, opt, pos, skips.count)
+                last_save = time.monotonic()
+            if done:
+                break
+            t = time.perf_counter()
+        log.end_epoch()
+        if pos["step_in_epoch"] < steps_per_epoch:
+            break  # --max-steps ended the run mid-epoch
+        pos = {"epoch": epoch + 1, "step_in_epoch": 0, "global_step": pos["global_step"]}
+        if info.is_main:
+            last = meter.flush(cfg.batch_size) or last
+            save_checkpoint(cfg, model, opt, pos, skips.count)
+            last_save = time.monotonic()
+            if cfg.save_every and (epoch + 1) % cfg.save_every == 0:
+                save_checkpoint(cfg, model, opt, pos, skips.count, f"checkpoint_epoch{epoch + 1}.pth")
+            if knn is not None and ((epoch + 1) % cfg.knn_every == 0 or epoch + 1 == cfg.epochs):
+                last = {**last, **knn_monitor(cfg, model, knn, device, log, pos["global_step"], baselines=False)}
+        if info.world_size > 1:
+            torch.distributed.barrier()
+    if info.is_main:
+        log.info(f"done: {pos['global_step']} steps, {skips.count} unreadable images skipped; "
+                 f"plot: {plot_run(cfg.output_dir)}")
+    log.close()
+    return last
