@@ -5,10 +5,10 @@
 // advances the pointer once kernel 1 is done (stream order).
 #include <ATen/Dispatch.h>
 
-#include "common.cuh"
-
 #include <algorithm>
 #include <type_traits>
+
+#include "common.cuh"
 
 namespace {
 

@@ -1,28 +1,26 @@
-// InfoNCE against the queue on the GPU: one pass over the queue with an online log-sum-exp, the
-// softmax-weighted sum of keys (which gives dL/dq) accumulated in the same pass; the N x (K+1) logits
-// never exist. Same semantics as csrc/cpu/infonce.cpp. Three launches:
-//   1. infonce_fwd_kernel, grid (ceil(N / BM), splits): a CTA takes BM rows of q and a contiguous run
-//      of BN-row queue tiles (the split), and writes for each row its partial (O [C], m, l, above) to a
-//      workspace [splits, N, C + 3]. Splitting the queue axis fills the GPU even for N = 32.
+// InfoNCE against the queue on the GPU, same semantics as csrc/cpu/infonce.cpp: one pass over the queue
+// with an online log-sum-exp; the softmax-weighted sum of keys (which gives dL/dq) is accumulated in the
+// same pass, so the N x (K+1) logits never exist. Three launches, no atomics (bitwise deterministic):
+//   1. infonce_fwd_kernel, grid (ceil(N / BM), splits): a CTA takes BM rows of q and a contiguous run of
+//      BN-row queue tiles (its split) and writes each row's partial (O[C], m, l, above) to a workspace
+//      [splits, N, C + 3]. Splitting the queue axis fills the GPU even for N = 32.
 //   2. infonce_combine_kernel, one CTA per row: merges the splits in a fixed order starting from the
-//      positive (logit pos_i, weight 1, key k_i) -> dL/dq_i, loss_i, above_i. No atomics: bitwise
-//      deterministic.
-//   3. infonce_finalize_kernel, one CTA: mean loss and [acc1, acc5] in a fixed order.
-//
-// Kernel 1, per queue tile (4 warps; tiles staged in shared memory, cp.async double buffering):
-//   S = Q . V^T     [BM x BN] fp32 scores -> shared memory
-//   softmax step    per row: tile max, lazy reference max m (moved only when the max grows by more than
-//                   kLazy, so the O rescale is rare and P <= e^8 fits fp16), P = exp(s - m), l += sum P,
-//                   above += #(s > pos)
-//   O += P . V      [BM x CP] fp32 accumulators; the second matmul reuses the staged tile.
-// Engines (precision policy; allow_tf32 is read as "fp32 operands may be rounded"):
-//   MmaEngine<bf16|fp16>  WMMA 16x16x16, when the queue is 16-bit and q has its dtype, or q is fp32 and
-//                         allow_tf32 (q is then rounded to the queue's dtype: fastest, ~3 digits).
-//   MmaEngine<tf32>       WMMA 16x16x8 when allow_tf32 otherwise (16-bit operands convert exactly).
-//   FmaEngine             fp32 FMA ("highest"), q pre-scaled by 1/T as on the CPU; also every C > 256.
-//   Each warp of an MmaEngine owns 16 rows (BM = 64); fragments hold O, so C <= 256 there.
-//   FmaEngine: thread (ty, tx) of 16 x 8 owns rows ty + 16a and S columns tx + 8b, O columns 32m + 4tx + e.
-// fp64 inputs are rejected (use the cpu or reference backend). Needs sm_80+ (cp.async, bf16/tf32 WMMA).
+//      positive (logit pos_i, weight 1, key k_i) -> dL/dq_i, loss_i, above_i.
+//   3. infonce_finalize_kernel, one CTA: mean loss and [acc1, acc5], fixed-order sums.
+// Kernel 1, per queue tile (4 warps; tiles staged in shared memory with cp.async double buffering):
+//   S = Q . V^T   [BM x BN] fp32 scores -> shared memory
+//   softmax       per row: tile max; a lazy reference max m, moved only when the max grows by more than
+//                 kLazy (so the O rescale is rare and P <= e^8 fits fp16); P = exp(s - m); l += sum P;
+//                 above += #(s > pos)
+//   O += P . V    [BM x CP] fp32 accumulators; the second matmul reuses the staged tile.
+// Precision (allow_tf32 read as "fp32 operands may be rounded", like torch's flag):
+//   MmaEngine<bf16|fp16>  WMMA 16x16x16 when the queue is 16-bit and q has its dtype, or q is fp32 and
+//                         allow_tf32 (q is then rounded to the queue's dtype: the fastest path).
+//   MmaEngine<tf32>       WMMA 16x16x8 for the other allow_tf32 cases (16-bit values convert exactly).
+//   FmaEngine             plain fp32 FMA ("highest"; q pre-scaled by 1/T as on the CPU), and every C > 256
+//                         (an MmaEngine keeps O in fragments: C <= 256 there).
+// C is padded with zeros to CP in {128, 256, 512, 1024}. fp64 inputs are rejected (use the cpu or
+// reference backend). Needs sm_80+ (cp.async, bf16/tf32 WMMA).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <mma.h>
@@ -37,9 +35,10 @@
 namespace {
 
 namespace wmma = nvcuda::wmma;
+#define UNROLL _Pragma("unroll")
 
 constexpr int kThreads = 128;  // 4 warps per CTA of kernel 1
-constexpr float kLazy = 8.f;   // move the reference max only when the tile max exceeds it by this
+constexpr float kLazy = 8.f;   // move the reference max only when a tile's max exceeds it by this
 constexpr float kNegInf = -INFINITY;
 enum InType : int { kInF32 = 0, kInBF16 = 1, kInF16 = 2 };
 
@@ -49,8 +48,8 @@ __device__ __forceinline__ float load_f(const void* p, int type, int64_t i) {
   return static_cast<const float*>(p)[i];
 }
 
-// q_i.k_i / T as the CPU: qs = q * (1/T) rounded, products rounded, fixed summation order, so that
-// kernels 1 and 2 get the same bits. Called by a whole warp.
+// q_i.k_i / T as the CPU: qs = q * (1/T) rounded, products rounded, then summed in a fixed order, so
+// that kernels 1 and 2 get the same bits. Called by a whole warp; every lane gets the sum.
 __device__ float warp_positive(const void* q, int qt, const void* k, int kt, int64_t row, int C, float inv_t) {
   float s = 0.f;
   for (int c = threadIdx.x % 32; c < C; c += 32)
@@ -66,184 +65,150 @@ __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, int src
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
 
-// How values are stored in shared memory for the matmuls.
+// T: the element type in shared memory; Frag, KS: WMMA operand type and k-step; kIn: the input type
+// whose rows can be copied raw into a T tile.
 struct OpF32 {
   using T = float;
   static constexpr int kIn = kInF32;
   __device__ static float to(float x) { return x; }
   __device__ static float from(float x) { return x; }
 };
-struct OpTF32 : OpF32 {
+struct OpTF32 : OpF32 {  // fp32 in shared memory, rounded to tf32 on the way in
   using Frag = wmma::precision::tf32;
   static constexpr int KS = 8;
   __device__ static float to(float x) { return wmma::__float_to_tf32(x); }
 };
 struct OpBF16 {
   using T = __nv_bfloat16;
-  using Frag = __nv_bfloat16;
+  using Frag = T;
   static constexpr int kIn = kInBF16, KS = 16;
   __device__ static T to(float x) { return __float2bfloat16(x); }
   __device__ static float from(T x) { return __bfloat162float(x); }
 };
 struct OpF16 {
   using T = __half;
-  using Frag = __half;
+  using Frag = T;
   static constexpr int kIn = kInF16, KS = 16;
   __device__ static T to(float x) { return __float2half_rn(x); }
   __device__ static float from(T x) { return __half2float(x); }
 };
 
-// Shared-memory strides (elements): rows padded by 16 bytes against bank conflicts, WMMA-aligned.
-template <class Op, int CP_, int BM_, int BN_>
-struct Tiles {
-  using T = typename Op::T;
-  static constexpr int CP = CP_, BM = BM_, BN = BN_;
-  static constexpr int LD = CP + 16 / sizeof(T), LDS = BN + 4, LDP = BN + 16 / sizeof(T);
-};
-
+// An engine: tile sizes, shared-memory strides in elements (rows padded by 16 bytes against bank
+// conflicts, which keeps WMMA's 32-byte alignment) and the two matmuls of a tile.
+// MmaEngine: warp w owns rows 16w..16w+15 of S, P and O; O lives in WMMA accumulator fragments.
 template <class Op_, int CP_>
-struct MmaEngine : Tiles<Op_, CP_, 64, (CP_ * sizeof(typename Op_::T) <= 256 ? 64 : 32)> {
+struct MmaEngine {
   using Op = Op_;
-  using B = Tiles<Op_, CP_, 64, (CP_ * sizeof(typename Op_::T) <= 256 ? 64 : 32)>;
-  using T = typename B::T;
+  using T = typename Op::T;
+  static constexpr int CP = CP_, BM = 64, BN = CP * sizeof(T) <= 256 ? 64 : 32, KS = Op::KS;
+  static constexpr int LD = CP + 16 / sizeof(T), LDS = BN + 4, LDP = BN + 16 / sizeof(T);
   static constexpr bool kPrescale = false, kRoundRaw = std::is_same<Op, OpTF32>::value;
-  static constexpr int KS = Op::KS, CP = B::CP, BN = B::BN, LD = B::LD, LDS = B::LDS, LDP = B::LDP;
   using Acc = wmma::fragment<wmma::accumulator, 16, 16, KS, float>;
   using FragA = wmma::fragment<wmma::matrix_a, 16, 16, KS, typename Op::Frag, wmma::row_major>;
-  Acc o[CP / 16];  // this warp's 16 rows x CP columns of the softmax-weighted key sum
+  template <class Layout>
+  using FragB = wmma::fragment<wmma::matrix_b, 16, 16, KS, typename Op::Frag, Layout>;
+  Acc o[CP / 16];  // this warp's 16 rows x CP columns of O
 
-  __device__ __forceinline__ void init() {
-#pragma unroll
-    for (int cb = 0; cb < CP / 16; ++cb) wmma::fill_fragment(o[cb], 0.f);
-  }
-  // S[16w:16w+16, :] = Q[16w:16w+16, :] . V^T  (V [BN x CP] row-major is V^T column-major)
-  __device__ __forceinline__ void scores(const T* Q, const T* V, float* S) const {
+  __device__ void init() { UNROLL for (int cb = 0; cb < CP / 16; ++cb) wmma::fill_fragment(o[cb], 0.f); }
+  // S rows of warp w = Q rows . V^T (the row-major [BN x CP] tile read column-major is V^T).
+  __device__ void scores(const T* Q, const T* V, float* S) const {
     const int w = threadIdx.x / 32;
     Acc s[BN / 16];
-#pragma unroll
-    for (int jb = 0; jb < BN / 16; ++jb) wmma::fill_fragment(s[jb], 0.f);
-#pragma unroll
-    for (int kk = 0; kk < CP; kk += KS) {
+    UNROLL for (int jb = 0; jb < BN / 16; ++jb) wmma::fill_fragment(s[jb], 0.f);
+    UNROLL for (int kk = 0; kk < CP; kk += KS) {
       FragA a;
       wmma::load_matrix_sync(a, Q + 16 * w * LD + kk, LD);
-#pragma unroll
-      for (int jb = 0; jb < BN / 16; ++jb) {
-        wmma::fragment<wmma::matrix_b, 16, 16, KS, typename Op::Frag, wmma::col_major> b;
+      UNROLL for (int jb = 0; jb < BN / 16; ++jb) {
+        FragB<wmma::col_major> b;
         wmma::load_matrix_sync(b, V + 16 * jb * LD + kk, LD);
         wmma::mma_sync(s[jb], a, b, s[jb]);
       }
     }
-#pragma unroll
-    for (int jb = 0; jb < BN / 16; ++jb) wmma::store_matrix_sync(S + 16 * w * LDS + 16 * jb, s[jb], LDS, wmma::mem_row_major);
+    UNROLL for (int jb = 0; jb < BN / 16; ++jb)
+      wmma::store_matrix_sync(S + 16 * w * LDS + 16 * jb, s[jb], LDS, wmma::mem_row_major);
   }
-  // O rows *= alpha[row], fragment by fragment through a 16 x 16 per-warp scratch (the layout is opaque).
-  __device__ __forceinline__ void rescale(const float* alpha, float* scratch) {
-    const int w = threadIdx.x / 32, lane = threadIdx.x % 32;
-    float* sc = scratch + 256 * w;
-#pragma unroll
-    for (int cb = 0; cb < CP / 16; ++cb) {
-      wmma::store_matrix_sync(sc, o[cb], 16, wmma::mem_row_major);
-      __syncwarp();
-      for (int e = lane; e < 256; e += 32) sc[e] *= alpha[16 * w + e / 16];
-      __syncwarp();
-      wmma::load_matrix_sync(o[cb], sc, 16, wmma::mem_row_major);
-      __syncwarp();
-    }
-  }
-  // O[16w:16w+16, :] += P[16w:16w+16, :] . V  (V row-major [BN x CP])
-  __device__ __forceinline__ void accumulate(const T* P, const T* V) {
+  // O rows of warp w += P rows . V
+  __device__ void accumulate(const T* P, const T* V) {
     const int w = threadIdx.x / 32;
 #pragma unroll 1
     for (int kk = 0; kk < BN; kk += KS) {
       FragA a;
       wmma::load_matrix_sync(a, P + 16 * w * LDP + kk, LDP);
-#pragma unroll
-      for (int cb = 0; cb < CP / 16; ++cb) {
-        wmma::fragment<wmma::matrix_b, 16, 16, KS, typename Op::Frag, wmma::row_major> b;
+      UNROLL for (int cb = 0; cb < CP / 16; ++cb) {
+        FragB<wmma::row_major> b;
         wmma::load_matrix_sync(b, V + kk * LD + 16 * cb, LD);
         wmma::mma_sync(o[cb], a, b, o[cb]);
       }
     }
   }
-  __device__ __forceinline__ void store(float* out, int ld, int rows, int C, float* scratch) {
-    const int w = threadIdx.x / 32, lane = threadIdx.x % 32;
+  // f(row, column, value&) on every element of O, through a 16 x 16 per-warp scratch (the fragment
+  // layout is opaque); write_back loads the scratch back into the fragment.
+  template <class F>
+  __device__ void visit(float* scratch, bool write_back, F f) {
+    const int w = threadIdx.x / 32;
     float* sc = scratch + 256 * w;
-#pragma unroll
-    for (int cb = 0; cb < CP / 16; ++cb) {
+    UNROLL for (int cb = 0; cb < CP / 16; ++cb) {
       wmma::store_matrix_sync(sc, o[cb], 16, wmma::mem_row_major);
       __syncwarp();
-      for (int e = lane; e < 256; e += 32) {
-        const int r = 16 * w + e / 16, c = 16 * cb + e % 16;
-        if (r < rows && c < C) out[static_cast<int64_t>(r) * ld + c] = sc[e];
-      }
+      for (int e = threadIdx.x % 32; e < 256; e += 32) f(16 * w + e / 16, 16 * cb + e % 16, sc[e]);
+      __syncwarp();
+      if (write_back) wmma::load_matrix_sync(o[cb], sc, 16, wmma::mem_row_major);
       __syncwarp();
     }
   }
+  __device__ void rescale(const float* alpha, float* scratch) {
+    visit(scratch, true, [&](int r, int, float& x) { x *= alpha[r]; });
+  }
+  __device__ void store(float* out, int ld, int rows, int C, float* scratch) {
+    visit(scratch, false, [&](int r, int c, float& x) {
+      if (r < rows && c < C) out[static_cast<int64_t>(r) * ld + c] = x;
+    });
+  }
 };
 
+// FmaEngine: thread (ty, tx) of 16 x 8 owns rows ty + 16a, S columns tx + 8b, O columns 32m + 4tx + e
+// (float4 shared-memory reads, conflict-free with the +4 padding).
 template <int CP_>
-struct FmaEngine : Tiles<OpF32, CP_, (CP_ <= 128 ? 64 : CP_ <= 256 ? 32 : 16), (CP_ <= 512 ? 32 : 16)> {
+struct FmaEngine {
   using Op = OpF32;
-  using B = Tiles<OpF32, CP_, (CP_ <= 128 ? 64 : CP_ <= 256 ? 32 : 16), (CP_ <= 512 ? 32 : 16)>;
   using T = float;
+  static constexpr int CP = CP_, BM = CP <= 128 ? 64 : CP <= 256 ? 32 : 16, BN = CP <= 512 ? 32 : 16;
+  static constexpr int LD = CP + 4, LDS = BN + 4, LDP = BN + 4;
   static constexpr bool kPrescale = true, kRoundRaw = false;
-  static constexpr int CP = B::CP, BN = B::BN, LD = B::LD, LDS = B::LDS, LDP = B::LDP;
-  static constexpr int RA = B::BM / 16, CB = BN / 8, OC = CP / 32;
-  float o[RA][OC][4];  // rows ty + 16a, columns 32m + 4tx + e
+  static constexpr int RA = BM / 16, CB = BN / 8, OC = CP / 32;
+  float o[RA][OC][4];
 
-  __device__ __forceinline__ void init() {
-#pragma unroll
-    for (int a = 0; a < RA; ++a)
-#pragma unroll
-      for (int m = 0; m < OC; ++m) o[a][m][0] = o[a][m][1] = o[a][m][2] = o[a][m][3] = 0.f;
+  __device__ void init() {
+    UNROLL for (int a = 0; a < RA; ++a) UNROLL for (int m = 0; m < OC; ++m) UNROLL for (int e = 0; e < 4; ++e)
+      o[a][m][e] = 0.f;
   }
-  __device__ __forceinline__ void scores(const float* Q, const float* V, float* S) const {
+  __device__ void scores(const float* Q, const float* V, float* S) const {
     const int ty = threadIdx.x / 8, tx = threadIdx.x % 8;
     float acc[RA][CB] = {};
 #pragma unroll 4
     for (int c = 0; c < CP; c += 4) {
       float4 qa[RA], vb[CB];
-#pragma unroll
-      for (int a = 0; a < RA; ++a) qa[a] = *reinterpret_cast<const float4*>(Q + (ty + 16 * a) * LD + c);
-#pragma unroll
-      for (int b = 0; b < CB; ++b) vb[b] = *reinterpret_cast<const float4*>(V + (tx + 8 * b) * LD + c);
-#pragma unroll
-      for (int a = 0; a < RA; ++a)
-#pragma unroll
-        for (int b = 0; b < CB; ++b) {
-          float x = fmaf(qa[a].x, vb[b].x, acc[a][b]);
-          x = fmaf(qa[a].y, vb[b].y, x);
-          x = fmaf(qa[a].z, vb[b].z, x);
-          acc[a][b] = fmaf(qa[a].w, vb[b].w, x);
-        }
+      UNROLL for (int a = 0; a < RA; ++a) qa[a] = *reinterpret_cast<const float4*>(Q + (ty + 16 * a) * LD + c);
+      UNROLL for (int b = 0; b < CB; ++b) vb[b] = *reinterpret_cast<const float4*>(V + (tx + 8 * b) * LD + c);
+      UNROLL for (int a = 0; a < RA; ++a) UNROLL for (int b = 0; b < CB; ++b) {
+        acc[a][b] = fmaf(qa[a].x, vb[b].x, acc[a][b]);
+        acc[a][b] = fmaf(qa[a].y, vb[b].y, acc[a][b]);
+        acc[a][b] = fmaf(qa[a].z, vb[b].z, acc[a][b]);
+        acc[a][b] = fmaf(qa[a].w, vb[b].w, acc[a][b]);
+      }
     }
-#pragma unroll
-    for (int a = 0; a < RA; ++a)
-#pragma unroll
-      for (int b = 0; b < CB; ++b) S[(ty + 16 * a) * LDS + tx + 8 * b] = acc[a][b];
+    UNROLL for (int a = 0; a < RA; ++a) UNROLL for (int b = 0; b < CB; ++b)
+      S[(ty + 16 * a) * LDS + tx + 8 * b] = acc[a][b];
   }
-  __device__ __forceinline__ void rescale(const float* alpha, float*) {
-#pragma unroll
-    for (int a = 0; a < RA; ++a) {
-      const float al = alpha[threadIdx.x / 8 + 16 * a];
-#pragma unroll
-      for (int m = 0; m < OC; ++m)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) o[a][m][e] *= al;
-    }
-  }
-  __device__ __forceinline__ void accumulate(const float* P, const float* V) {
+  __device__ void accumulate(const float* P, const float* V) {
     const int ty = threadIdx.x / 8, tx = threadIdx.x % 8;
 #pragma unroll 2
     for (int j = 0; j < BN; ++j) {
       float pa[RA];
-#pragma unroll
-      for (int a = 0; a < RA; ++a) pa[a] = P[(ty + 16 * a) * LDP + j];
-#pragma unroll
-      for (int m = 0; m < OC; ++m) {
+      UNROLL for (int a = 0; a < RA; ++a) pa[a] = P[(ty + 16 * a) * LDP + j];
+      UNROLL for (int m = 0; m < OC; ++m) {
         const float4 v = *reinterpret_cast<const float4*>(V + j * LD + 32 * m + 4 * tx);
-#pragma unroll
-        for (int a = 0; a < RA; ++a) {
+        UNROLL for (int a = 0; a < RA; ++a) {
           o[a][m][0] = fmaf(pa[a], v.x, o[a][m][0]);
           o[a][m][1] = fmaf(pa[a], v.y, o[a][m][1]);
           o[a][m][2] = fmaf(pa[a], v.z, o[a][m][2]);
@@ -252,44 +217,42 @@ struct FmaEngine : Tiles<OpF32, CP_, (CP_ <= 128 ? 64 : CP_ <= 256 ? 32 : 16), (
       }
     }
   }
-  __device__ __forceinline__ void store(float* out, int ld, int rows, int C, float*) {
+  __device__ void rescale(const float* alpha, float*) {
+    UNROLL for (int a = 0; a < RA; ++a) UNROLL for (int m = 0; m < OC; ++m) UNROLL for (int e = 0; e < 4; ++e)
+      o[a][m][e] *= alpha[threadIdx.x / 8 + 16 * a];
+  }
+  __device__ void store(float* out, int ld, int rows, int C, float*) {
     const int ty = threadIdx.x / 8, tx = threadIdx.x % 8;
-#pragma unroll
-    for (int a = 0; a < RA; ++a)
-#pragma unroll
-      for (int m = 0; m < OC; ++m)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int r = ty + 16 * a, c = 32 * m + 4 * tx + e;
-          if (r < rows && c < C) out[static_cast<int64_t>(r) * ld + c] = o[a][m][e];
-        }
+    UNROLL for (int a = 0; a < RA; ++a) UNROLL for (int m = 0; m < OC; ++m) UNROLL for (int e = 0; e < 4; ++e) {
+      const int r = ty + 16 * a, c = 32 * m + 4 * tx + e;
+      if (r < rows && c < C) out[static_cast<int64_t>(r) * ld + c] = o[a][m][e];
+    }
   }
 };
 
 struct Params {
-  const void* q;
-  const void* k;
-  const void* queue;
+  const void *q, *k, *queue;
   int qt, kt, vt;  // InType of each
-  int C;
+  int C, tiles, splits;
   int64_t N, K;
   float inv_t;
-  int tiles, splits;
-  bool raw;   // queue rows are copied as raw 16-byte chunks (same dtype as the tile, aligned)
+  bool raw;   // queue rows are copied as raw 16-byte chunks (the tile's dtype, 16-byte aligned rows)
   float* ws;  // [splits, N, C + 3]
 };
 
+constexpr int up128(size_t bytes) { return static_cast<int>((bytes + 127) / 128 * 128); }
+
 template <class E>
-struct Smem {  // byte offsets of the regions, each 128-byte aligned
-  static constexpr int up(int b) { return (b + 127) / 128 * 128; }
-  static constexpr int q = up(E::BM * E::LD * sizeof(typename E::T)), v = up(E::BN * E::LD * sizeof(typename E::T));
-  static constexpr int s = up(E::BM * E::LDS * 4), p = up(E::BM * E::LDP * sizeof(typename E::T));
+struct Smem {  // byte sizes of the shared-memory regions, each a multiple of 128
+  using T = typename E::T;
+  static constexpr int q = up128(E::BM * E::LD * sizeof(T)), v = up128(E::BN * E::LD * sizeof(T));
+  static constexpr int s = up128(E::BM * E::LDS * sizeof(float)), p = up128(E::BM * E::LDP * sizeof(T));
   static constexpr int bytes = q + 2 * v + s + p + 2 * E::BM * 4 + 16;
 };
 
-// Stage queue tile t (rows t*BN ..) into V: raw cp.async chunks, zero-filled past K, or converted.
+// Stage queue tile t (rows t*BN ...) into V: raw cp.async chunks, zero-filled past K, or converted.
 template <class E>
-__device__ __forceinline__ void load_tile(const Params& p, typename E::T* V, int t) {
+__device__ void load_tile(const Params& p, typename E::T* V, int t) {
   const int64_t j0 = static_cast<int64_t>(t) * E::BN;
   const int valid = static_cast<int>(p.K - j0 < E::BN ? p.K - j0 : E::BN);
   if (p.raw) {
@@ -303,60 +266,54 @@ __device__ __forceinline__ void load_tile(const Params& p, typename E::T* V, int
   } else {
     for (int e = threadIdx.x; e < E::BN * E::CP; e += kThreads) {
       const int r = e / E::CP, c = e % E::CP;
-      const float x = (r < valid && c < p.C) ? load_f(p.queue, p.vt, (j0 + r) * p.C + c) : 0.f;
-      V[r * E::LD + c] = E::Op::to(x);
+      V[r * E::LD + c] = E::Op::to(r < valid && c < p.C ? load_f(p.queue, p.vt, (j0 + r) * p.C + c) : 0.f);
     }
   }
 }
 
-// TF32 with raw copies: round the chunks this thread copied (visible to it after the wait).
+// TF32 with raw copies: round the chunks this thread copied (visible to it after its wait).
 template <class E>
-__device__ __forceinline__ void round_tile(typename E::T* V, int C) {
+__device__ void round_tile(typename E::T* V, int C) {
   if constexpr (E::kRoundRaw) {
     for (int e = threadIdx.x; e < E::BN * (C / 4); e += kThreads) {
       float4* v = reinterpret_cast<float4*>(V + (e / (C / 4)) * E::LD) + e % (C / 4);
-      float4 x = *v;
-      x.x = E::Op::to(x.x), x.y = E::Op::to(x.y), x.z = E::Op::to(x.z), x.w = E::Op::to(x.w);
-      *v = x;
+      const float4 x = *v;
+      *v = make_float4(E::Op::to(x.x), E::Op::to(x.y), E::Op::to(x.z), E::Op::to(x.w));
     }
   }
 }
 
-struct RowState {  // per softmax lane: kThreads / BM lanes share a row, each owns some columns
-  float m = kNegInf;  // reference max (same in all lanes of the row)
+struct RowState {     // per softmax lane; kThreads / BM consecutive lanes share a row
+  float m = kNegInf;  // reference max, the same in all lanes of the row
   float l = 0.f;      // this lane's sum of exp(s - m)
   int above = 0;      // this lane's count of s > pos
 };
 
 template <class E>
-__device__ __forceinline__ void softmax_tile(const float* S, typename E::T* P, const float* pos, float* alpha,
-                                             int* flag, RowState& st, int valid, float scale) {
+__device__ void softmax_tile(const float* S, typename E::T* P, const float* pos, float* alpha, int* flag,
+                             RowState& st, int valid, float scale) {
   constexpr int LPR = kThreads / E::BM, CPL = E::BN / LPR;
   const int r = threadIdx.x / LPR, part = threadIdx.x % LPR;
-  const float pr = pos[r];
   float s[CPL], tmax = kNegInf;
-#pragma unroll
-  for (int u = 0; u < CPL; ++u) {
+  UNROLL for (int u = 0; u < CPL; ++u) {
     const int j = part + LPR * u;
     s[u] = j < valid ? __fmul_rn(S[r * E::LDS + j], scale) : kNegInf;
     tmax = fmaxf(tmax, s[u]);
-    st.above += s[u] > pr;
+    st.above += s[u] > pos[r];
   }
-#pragma unroll
-  for (int o = LPR / 2; o > 0; o /= 2) tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffffu, tmax, o));
+  UNROLL for (int o = LPR / 2; o > 0; o /= 2) tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffffu, tmax, o));
   float a = 1.f;
-  if (tmax > st.m + kLazy) {  // first tile (m = -inf: a = 0, O is still 0) or the max grew a lot
+  if (tmax > st.m + kLazy) {  // the first tile (m = -inf: a = 0 and O is still 0), or the max grew a lot
     a = __expf(st.m - tmax);
     if (st.m != kNegInf && part == 0) *flag = 1;
     st.m = tmax;
     st.l *= a;
   }
   if (part == 0) alpha[r] = a;
-#pragma unroll
-  for (int u = 0; u < CPL; ++u) {
+  UNROLL for (int u = 0; u < CPL; ++u) {
     const auto w = E::Op::to(__expf(s[u] - st.m));
     P[r * E::LDP + part + LPR * u] = w;
-    st.l += E::Op::from(w);  // the rounded weight: numerator and denominator agree
+    st.l += E::Op::from(w);  // the rounded weight, so that numerator and denominator agree
   }
 }
 
@@ -364,15 +321,15 @@ template <class E>
 __global__ void __launch_bounds__(kThreads) infonce_fwd_kernel(const Params p) {
   using T = typename E::T;
   using L = Smem<E>;
-  constexpr int BM = E::BM, CP = E::CP, LD = E::LD;
+  constexpr int BM = E::BM, CP = E::CP, LD = E::LD, LPR = kThreads / BM;
   extern __shared__ __align__(128) unsigned char smem[];
-  T* Q = reinterpret_cast<T*>(smem);                                      // [BM][LD] rows of q
-  const auto Vb = [&](int b) { return reinterpret_cast<T*>(smem + L::q + b * L::v); };  // [BN][LD] x 2 buffers
-  float* S = reinterpret_cast<float*>(smem + L::q + 2 * L::v);            // [BM][LDS] scaled scores
-  T* P = reinterpret_cast<T*>(smem + L::q + 2 * L::v + L::s);             // [BM][LDP] softmax weights
-  float* alpha = reinterpret_cast<float*>(smem + L::q + 2 * L::v + L::s + L::p);  // [BM]
-  float* pos = alpha + BM;                                                // [BM]
-  int* flag = reinterpret_cast<int*>(pos + BM);                           // some row moved its max
+  T* Q = reinterpret_cast<T*>(smem);                                          // [BM][LD] rows of q
+  const auto Vb = [&](int b) { return reinterpret_cast<T*>(smem + L::q + b * L::v); };  // 2 x [BN][LD]
+  float* S = reinterpret_cast<float*>(smem + L::q + 2 * L::v);                // [BM][LDS] scaled scores
+  T* P = reinterpret_cast<T*>(smem + L::q + 2 * L::v + L::s);                 // [BM][LDP] weights
+  float* alpha = reinterpret_cast<float*>(smem + L::q + 2 * L::v + L::s + L::p);  // [BM] O rescale
+  float* pos = alpha + BM;                                                    // [BM] positive logits
+  int* flag = reinterpret_cast<int*>(pos + BM);                               // some row moved its m
   const int64_t row0 = static_cast<int64_t>(blockIdx.x) * BM;
   const int rows = static_cast<int>(p.N - row0 < BM ? p.N - row0 : BM);
   const int t0 = static_cast<int>(static_cast<int64_t>(p.tiles) * blockIdx.y / p.splits);
@@ -380,17 +337,12 @@ __global__ void __launch_bounds__(kThreads) infonce_fwd_kernel(const Params p) {
 
   for (int e = threadIdx.x; e < BM * CP; e += kThreads) {  // Q, zero past N and C
     const int r = e / CP, c = e % CP;
-    float x = 0.f;
-    if (r < rows && c < p.C) {
-      x = load_f(p.q, p.qt, (row0 + r) * p.C + c);
-      if (E::kPrescale) x = __fmul_rn(x, p.inv_t);
-    }
-    Q[r * LD + c] = E::Op::to(x);
+    const float x = r < rows && c < p.C ? load_f(p.q, p.qt, (row0 + r) * p.C + c) : 0.f;
+    Q[r * LD + c] = E::Op::to(E::kPrescale ? __fmul_rn(x, p.inv_t) : x);
   }
-  if (p.raw)  // raw copies leave the padding columns alone: zero them once
-    for (int b = 0; b < 2; ++b)
-      for (int e = threadIdx.x; e < E::BN * CP; e += kThreads)
-        if (e % CP >= p.C) Vb(b)[(e / CP) * LD + e % CP] = E::Op::to(0.f);
+  if (p.raw)  // raw copies never write the padding columns: zero them once
+    for (int e = threadIdx.x; e < 2 * E::BN * CP; e += kThreads)
+      if (e % CP >= p.C) Vb(e / (E::BN * CP))[(e / CP) % E::BN * LD + e % CP] = E::Op::to(0.f);
   for (int r = threadIdx.x / 32; r < BM; r += kThreads / 32) {  // positives, one warp per row
     const float x = r < rows ? warp_positive(p.q, p.qt, p.k, p.kt, row0 + r, p.C, p.inv_t) : 0.f;
     if (threadIdx.x % 32 == 0) pos[r] = x;
@@ -405,7 +357,7 @@ __global__ void __launch_bounds__(kThreads) infonce_fwd_kernel(const Params p) {
     T* V = Vb((t - t0) & 1);
     cp_async_wait_all();
     if (p.raw) round_tile<E>(V, p.C);
-    __syncthreads();  // tile t is visible; everyone is done with tile t - 1 (its buffer is free)
+    __syncthreads();  // tile t is visible, and every thread is done with tile t - 1, whose buffer is free
     if (t + 1 < t1) load_tile<E>(p, Vb((t + 1 - t0) & 1), t + 1);
     cp_async_commit();
     if (threadIdx.x == 0) *flag = 0;
@@ -415,45 +367,39 @@ __global__ void __launch_bounds__(kThreads) infonce_fwd_kernel(const Params p) {
     softmax_tile<E>(S, P, pos, alpha, flag, st, left < E::BN ? static_cast<int>(left) : E::BN,
                     E::kPrescale ? 1.f : p.inv_t);
     __syncthreads();
-    if (*flag) eng.rescale(alpha, S);  // S is free until the next tile's scores
+    if (*flag) eng.rescale(alpha, S);  // S serves as scratch until the next tile's scores
     eng.accumulate(P, V);
   }
   cp_async_wait_all();
 
-  // Partials of this split: ws[split][row][0:C] = O, [C] = m, [C + 1] = l, [C + 2] = above.
+  // This split's partials: ws[split][row][0:C] = O, [C] = m, [C + 1] = l, [C + 2] = above.
   float* out = p.ws + (static_cast<int64_t>(blockIdx.y) * p.N + row0) * (p.C + 3);
-  constexpr int LPR = kThreads / BM;
-  float l = st.l;
-  int above = st.above;
-#pragma unroll
-  for (int o = LPR / 2; o > 0; o /= 2) {
-    l += __shfl_xor_sync(0xffffffffu, l, o);
-    above += __shfl_xor_sync(0xffffffffu, above, o);
+  UNROLL for (int o = LPR / 2; o > 0; o /= 2) {
+    st.l += __shfl_xor_sync(0xffffffffu, st.l, o);
+    st.above += __shfl_xor_sync(0xffffffffu, st.above, o);
   }
   const int r = threadIdx.x / LPR;
   if (threadIdx.x % LPR == 0 && r < rows) {
     float* o = out + static_cast<int64_t>(r) * (p.C + 3) + p.C;
-    o[0] = st.m, o[1] = l, o[2] = static_cast<float>(above);
+    o[0] = st.m, o[1] = st.l, o[2] = static_cast<float>(st.above);
   }
   eng.store(out, p.C + 3, rows, p.C, S);
 }
 
-// (m, l, acc) <- merge with (ms, ls, accs): the CPU's formula; exp(0) skipped so -inf meets -inf safely.
-__device__ __forceinline__ void merge(float& m, float& l, float* acc, float ms, float ls, const float* accs, int c0,
-                                      int step, int C) {
+// (m, l, acc) <- merged with (ms, ls, accs), the CPU's formula; exp(0) is skipped so that an empty
+// partial (-inf) meets another one safely. acc[u] is column c0 + step * u.
+__device__ void merge(float& m, float& l, float* acc, float ms, float ls, const float* accs, int c0, int step, int C) {
   const float nm = fmaxf(m, ms), a = m == nm ? 1.f : expf(m - nm), b = ms == nm ? 1.f : expf(ms - nm);
   l = l * a + ls * b;
-#pragma unroll
-  for (int u = 0; u < 4; ++u)
+  UNROLL for (int u = 0; u < 4; ++u)
     if (c0 + step * u < C) acc[u] = acc[u] * a + accs[c0 + step * u] * b;
   m = nm;
 }
 
-// One CTA per row. Group g of tg threads merges splits [splits*g/G, splits*(g+1)/G) in order, then
-// group 0 merges the positive and the G group results in order. Each thread owns columns gi + tg*u.
-__global__ void __launch_bounds__(256) infonce_combine_kernel(const float* __restrict__ ws, int splits, int tg,
-                                                              int groups, Params p, float gscale, float* grad,
-                                                              float* rowbuf) {
+// One CTA per row. Group g (tg threads) merges splits [splits*g/groups, splits*(g+1)/groups) in order,
+// then group 0 merges the positive and the group results in order. A thread owns columns gi + tg*u.
+__global__ void __launch_bounds__(256) infonce_combine_kernel(const Params p, int tg, int groups, float gscale,
+                                                              float* grad, float* rowbuf) {
   extern __shared__ float part[];  // [groups][C + 3], then pos
   const int C = p.C, g = threadIdx.x / tg, gi = threadIdx.x % tg;
   const int64_t row = blockIdx.x;
@@ -463,14 +409,14 @@ __global__ void __launch_bounds__(256) infonce_combine_kernel(const float* __res
   }
   if (g < groups) {
     float m = kNegInf, l = 0.f, above = 0.f, acc[4] = {0.f, 0.f, 0.f, 0.f};
-    for (int s = static_cast<int>(static_cast<int64_t>(splits) * g / groups);
-         s < static_cast<int>(static_cast<int64_t>(splits) * (g + 1) / groups); ++s) {
-      const float* w = ws + (static_cast<int64_t>(s) * p.N + row) * (C + 3);
+    const int s1 = static_cast<int>(static_cast<int64_t>(p.splits) * (g + 1) / groups);
+    for (int s = static_cast<int>(static_cast<int64_t>(p.splits) * g / groups); s < s1; ++s) {
+      const float* w = p.ws + (static_cast<int64_t>(s) * p.N + row) * (C + 3);
       merge(m, l, acc, w[C], w[C + 1], w, gi, tg, C);
       above += w[C + 2];
     }
     float* mine = part + g * (C + 3);
-    for (int u = 0; u < 4; ++u)
+    UNROLL for (int u = 0; u < 4; ++u)
       if (gi + tg * u < C) mine[gi + tg * u] = acc[u];
     if (gi == 0) mine[C] = m, mine[C + 1] = l, mine[C + 2] = above;
   }
@@ -478,55 +424,44 @@ __global__ void __launch_bounds__(256) infonce_combine_kernel(const float* __res
   if (g != 0) return;
   const float pos = part[groups * (C + 3)];
   float m = pos, l = 1.f, above = 0.f, acc[4], kv[4];
-  for (int u = 0; u < 4; ++u) acc[u] = kv[u] = gi + tg * u < C ? load_f(p.k, p.kt, row * C + gi + tg * u) : 0.f;
+  UNROLL for (int u = 0; u < 4; ++u) acc[u] = kv[u] = gi + tg * u < C ? load_f(p.k, p.kt, row * C + gi + tg * u) : 0.f;
   for (int h = 0; h < groups; ++h) {
-    const float* w = part + h * (C + 3);
-    merge(m, l, acc, w[C], w[C + 1], w, gi, tg, C);
-    above += w[C + 2];
+    merge(m, l, acc, part[h * (C + 3) + C], part[h * (C + 3) + C + 1], part + h * (C + 3), gi, tg, C);
+    above += part[h * (C + 3) + C + 2];
   }
-  for (int u = 0; u < 4; ++u)  // dL/dq_i = (sum_j p_ij key_j - k_i) / (T N), the positive included
+  UNROLL for (int u = 0; u < 4; ++u)  // dL/dq_i = (sum_j p_ij key_j - k_i) / (T N), the positive included
     if (gi + tg * u < C) grad[row * C + gi + tg * u] = (acc[u] / l - kv[u]) * gscale;
   if (gi == 0) rowbuf[row] = m + logf(l) - pos, rowbuf[p.N + row] = above;
 }
 
 __global__ void __launch_bounds__(256) infonce_finalize_kernel(const float* __restrict__ rowbuf, int64_t N,
                                                                float* loss, float* stats) {
-  __shared__ float sl[256];
-  __shared__ int s1[256], s5[256];
-  float sum = 0.f;
-  int c1 = 0, c5 = 0;
-  for (int64_t i = threadIdx.x; i < N; i += 256) {
-    sum += rowbuf[i];
-    c1 += rowbuf[N + i] == 0.f;
-    c5 += rowbuf[N + i] < 5.f;
-  }
+  __shared__ float sl[256], s1[256], s5[256];  // counts stay exact in fp32 up to 2^24 rows
+  float sum = 0.f, c1 = 0.f, c5 = 0.f;
+  for (int64_t i = threadIdx.x; i < N; i += 256)
+    sum += rowbuf[i], c1 += rowbuf[N + i] == 0.f, c5 += rowbuf[N + i] < 5.f;
   sl[threadIdx.x] = sum, s1[threadIdx.x] = c1, s5[threadIdx.x] = c5;
   for (int o = 128; o > 0; o /= 2) {
     __syncthreads();
-    if (threadIdx.x < o) {
-      sl[threadIdx.x] += sl[threadIdx.x + o], s1[threadIdx.x] += s1[threadIdx.x + o];
-      s5[threadIdx.x] += s5[threadIdx.x + o];
-    }
+    if (threadIdx.x < o)
+      sl[threadIdx.x] += sl[threadIdx.x + o], s1[threadIdx.x] += s1[threadIdx.x + o], s5[threadIdx.x] += s5[threadIdx.x + o];
   }
-  if (threadIdx.x == 0) {
-    const float n = static_cast<float>(N);
-    *loss = sl[0] / n, stats[0] = static_cast<float>(s1[0]) / n, stats[1] = static_cast<float>(s5[0]) / n;
-  }
+  const float n = static_cast<float>(N);
+  if (threadIdx.x == 0) *loss = sl[0] / n, stats[0] = s1[0] / n, stats[1] = s5[0] / n;
 }
 
-// Launch kernel 1 with engine E; returns the workspace and sets p.splits.
+// Launch kernel 1 with engine E (one wave of CTAs); returns the workspace, sets p.tiles/splits/raw/ws.
 template <class E>
 at::Tensor run_partials(Params& p, const at::Tensor& queue, cudaStream_t stream) {
   constexpr int bytes = Smem<E>::bytes;
-  auto kernel = infonce_fwd_kernel<E>;
+  const auto kernel = infonce_fwd_kernel<E>;
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
   int per_sm = 0;
   C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, bytes));
-  const int64_t sms = moco_fast_cuda::sm_count(queue.get_device());
+  const int64_t ctas = static_cast<int64_t>(moco_fast_cuda::sm_count(queue.get_device())) * std::max(per_sm, 1);
   const int64_t row_blocks = (p.N + E::BM - 1) / E::BM, tiles = (p.K + E::BN - 1) / E::BN;
-  const int64_t want = (sms * std::max(per_sm, 1) + row_blocks - 1) / row_blocks;  // one full wave
   p.tiles = static_cast<int>(tiles);
-  p.splits = static_cast<int>(std::max<int64_t>(1, std::min(want, tiles)));
+  p.splits = static_cast<int>(std::max<int64_t>(1, std::min((ctas + row_blocks - 1) / row_blocks, tiles)));
   p.raw = p.vt == E::Op::kIn && (p.C * sizeof(typename E::T)) % 16 == 0 &&
           reinterpret_cast<uintptr_t>(queue.data_ptr()) % 16 == 0;
   at::Tensor ws = at::empty({p.splits, p.N, p.C + 3}, queue.options().dtype(at::kFloat));
@@ -536,9 +471,20 @@ at::Tensor run_partials(Params& p, const at::Tensor& queue, cudaStream_t stream)
   return ws;
 }
 
+template <int CP>
+at::Tensor dispatch_engine(Params& p, const at::Tensor& queue, bool allow_tf32, cudaStream_t stream) {
+  if constexpr (CP <= 256) {
+    if (p.vt != kInF32 && (p.qt == p.vt || (p.qt == kInF32 && allow_tf32)))
+      return p.vt == kInBF16 ? run_partials<MmaEngine<OpBF16, CP>>(p, queue, stream)
+                             : run_partials<MmaEngine<OpF16, CP>>(p, queue, stream);
+    if (allow_tf32) return run_partials<MmaEngine<OpTF32, CP>>(p, queue, stream);
+  }
+  return run_partials<FmaEngine<CP>>(p, queue, stream);
+}
+
 int in_type(const at::Tensor& t, const char* name) {
   const auto dt = t.scalar_type();
-  TORCH_CHECK(dt != at::kDouble, "infonce_fwd: ", name, " is float64, which the CUDA kernel does not support; "
+  TORCH_CHECK(dt != at::kDouble, "infonce_fwd: ", name, " is float64, which the CUDA kernel does not support; ",
               "use the cpu or reference backend, or cast to float32");
   TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf, "infonce_fwd: ", name,
               " must be float32, bfloat16 or float16; got ", dt);
@@ -559,7 +505,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> infonce_fwd_cuda(const at::Tensor
   Params p{};
   p.qt = in_type(q, "q"), p.kt = in_type(k, "k"), p.vt = in_type(queue, "queue");
   c10::cuda::CUDAGuard guard(q.device());
-  TORCH_CHECK(moco_fast_cuda::device_attribute(cudaDevAttrComputeCapabilityMajor, q.get_device()) >= 8, "infonce_fwd: the CUDA kernel needs sm_80 or newer");
+  TORCH_CHECK(moco_fast_cuda::device_attribute(cudaDevAttrComputeCapabilityMajor, q.get_device()) >= 8,
+              "infonce_fwd: the CUDA kernel needs compute capability 8.0 or newer");
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const auto opts = q.options().dtype(at::kFloat);
   p.N = q.size(0), p.K = queue.size(0), p.C = static_cast<int>(q.size(1));
@@ -573,28 +520,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> infonce_fwd_cuda(const at::Tensor
   p.q = qc.data_ptr(), p.k = kc.data_ptr(), p.queue = queue.data_ptr();
   p.inv_t = static_cast<float>(inv_temperature);
 
-  at::Tensor ws;  // kept alive until the combine kernel is queued
+  at::Tensor ws;  // K = 0: no partials (splits = 0), the combine starts and ends at the positive
   if (p.K > 0) {
-    const int cp = p.C <= 128 ? 128 : p.C <= 256 ? 256 : p.C <= 512 ? 512 : 1024;
-    const bool mma16 = cp <= 256 && p.vt != kInF32 && (p.qt == p.vt || (p.qt == kInF32 && allow_tf32));
-    if (mma16 && p.vt == kInBF16)
-      ws = cp == 128 ? run_partials<MmaEngine<OpBF16, 128>>(p, queue, stream) : run_partials<MmaEngine<OpBF16, 256>>(p, queue, stream);
-    else if (mma16)
-      ws = cp == 128 ? run_partials<MmaEngine<OpF16, 128>>(p, queue, stream) : run_partials<MmaEngine<OpF16, 256>>(p, queue, stream);
-    else if (cp <= 256 && allow_tf32)
-      ws = cp == 128 ? run_partials<MmaEngine<OpTF32, 128>>(p, queue, stream) : run_partials<MmaEngine<OpTF32, 256>>(p, queue, stream);
-    else if (cp == 128) ws = run_partials<FmaEngine<128>>(p, queue, stream);
-    else if (cp == 256) ws = run_partials<FmaEngine<256>>(p, queue, stream);
-    else if (cp == 512) ws = run_partials<FmaEngine<512>>(p, queue, stream);
-    else ws = run_partials<FmaEngine<1024>>(p, queue, stream);
+    ws = p.C <= 128   ? dispatch_engine<128>(p, queue, allow_tf32, stream)
+         : p.C <= 256 ? dispatch_engine<256>(p, queue, allow_tf32, stream)
+         : p.C <= 512 ? dispatch_engine<512>(p, queue, allow_tf32, stream)
+                      : dispatch_engine<1024>(p, queue, allow_tf32, stream);
   }
-  const int tg = std::max(32, ((p.C + 3) / 4 + 31) / 32 * 32);  // threads per split group: 4 columns each
+  const int tg = std::max(32, ((p.C + 3) / 4 + 31) / 32 * 32);  // threads per group: 4 columns each
   const int groups = std::max(1, std::min(256 / tg, p.splits));
-  at::Tensor rowbuf = at::empty({2 * p.N}, opts);  // per row: loss_i, then above_i
+  at::Tensor rowbuf = at::empty({2 * p.N}, opts);  // loss_i for every row, then above_i
   const size_t part_bytes = (static_cast<size_t>(groups) * (p.C + 3) + 1) * sizeof(float);
   infonce_combine_kernel<<<static_cast<unsigned>(p.N), 256, part_bytes, stream>>>(
-      p.ws, p.splits, tg, groups, p, static_cast<float>(inv_temperature / static_cast<double>(p.N)),
-      grad.data_ptr<float>(), rowbuf.data_ptr<float>());
+      p, tg, groups, static_cast<float>(inv_temperature / static_cast<double>(p.N)), grad.data_ptr<float>(),
+      rowbuf.data_ptr<float>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   infonce_finalize_kernel<<<1, 256, 0, stream>>>(rowbuf.data_ptr<float>(), p.N, loss.data_ptr<float>(),
                                                  stats.data_ptr<float>());

@@ -6,21 +6,22 @@
 // Work is cut into chunks of kChunk elements; a device-side table holds, per non-empty tensor, the
 // two pointers, numel, dtype and whether 16-byte vectors may be used, plus the prefix of chunk counts
 // (each CTA finds its tensor by binary search). Building the table needs a host-to-device copy, so it
-// is built once per list of tensors and cached (key: device, pointers, sizes, dtypes; small LRU): a
+// is built once per list of tensors and cached (key: device, pointers, numels, dtypes; small LRU): a
 // repeated call copies nothing, never syncs, and can be captured in a CUDA graph. m comes either as a
 // kernel argument or, read on the device, from a one-element fp32/fp64 tensor.
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
-#include "common.cuh"
-
 #include <algorithm>
 #include <cstring>
+#include <iterator>
 #include <list>
 #include <memory>
 #include <mutex>
 #include <type_traits>
 #include <vector>
+
+#include "common.cuh"
 
 namespace {
 
@@ -100,10 +101,9 @@ __device__ void ema_chunk(scalar_t* __restrict__ pk, const scalar_t* __restrict_
 
 // Grid-stride over all chunks of all tensors; chunk_begin[t] is the first chunk of tensor t and
 // chunk_begin[num_tensors] the total. m_code: 0 = use m_arg, 1 = read fp32 *m_ptr, 2 = read fp64 *m_ptr.
-__global__ void __launch_bounds__(kThreads, kBlocksPerSm) momentum_update_kernel(const int64_t* __restrict__ chunk_begin,
-                                                                   const EmaTensor* __restrict__ tensors,
-                                                                   int num_tensors, double m_arg,
-                                                                   const void* m_ptr, int m_code) {
+__global__ void __launch_bounds__(kThreads, kBlocksPerSm)
+    momentum_update_kernel(const int64_t* __restrict__ chunk_begin, const EmaTensor* __restrict__ tensors,
+                           int num_tensors, double m_arg, const void* m_ptr, int m_code) {
   double m = m_arg;
   if (m_code == 1) m = static_cast<double>(*static_cast<const float*>(m_ptr));
   if (m_code == 2) m = *static_cast<const double*>(m_ptr);
@@ -146,7 +146,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) momentum_update_kernel
 
 struct Table {
   std::vector<int64_t> key;  // device, then (pk, pq, numel, dtype) per tensor
-  at::Tensor host;           // pinned source of the copy (kept alive: a graph may replay the copy)
+  at::Tensor host;           // pinned source of the copy, kept with the table
   at::Tensor dev;            // [chunk_begin (T + 1) x int64 | EmaTensor x T]
   int num_tensors = 0;
   int64_t total_chunks = 0;
