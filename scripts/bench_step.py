@@ -1,0 +1,41 @@
+"""Whole training steps per second and peak memory, official-style MoCo against moco_fast, in one run.
+
+    python scripts/bench_step.py                         # on a GPU: ResNet-50 bs 256 and 32, CIFAR R18 bs 512
+    python scripts/bench_step.py --case quick            # a CPU smoke run
+"""
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+from moco_fast.benchmark import machine_header, print_table, write_json  # noqa: E402
+from moco_fast.benchmark_step import CASES, bench_case  # noqa: E402
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--case", nargs="*", choices=list(CASES), help="default: all but quick on a GPU, quick on CPU")
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--json", help="also write every figure to this JSON file")
+    args = parser.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cases = args.case or ([c for c in CASES if c != "quick"] if device.type == "cuda" else ["quick"])
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.set_float32_matmul_precision("high")
+    header = machine_header(device.type)
+    print(" | ".join(f"{k}: {v}" for k, v in header.items()), flush=True)
+    rows = []
+    for case in cases:
+        rows += bench_case(case, device, args.repeats, compile_model=not args.no_compile)
+        print_table(rows[-2:], ["case", "provider", "img_per_s", "step_ms", "speedup", "peak_MiB", "first_step_s"])
+    if args.json:
+        write_json(args.json, {"header": header, "rows": rows})
+
+
+if __name__ == "__main__":
+    main()
