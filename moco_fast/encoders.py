@@ -19,7 +19,7 @@ def cifar_stem(model: nn.Module) -> nn.Module:
 class SmallResNet(nn.Module):
     """A narrow 3-stage ResNet (widths w, 2w, 4w; two BasicBlocks each) for small images on a CPU."""
 
-    def __init__(self, num_classes: int = 128, width: int = 32, norm_layer=nn.BatchNorm2d):
+    def __init__(self, num_classes: int = 128, width: int = 16, norm_layer=nn.BatchNorm2d):
         super().__init__()
         self.conv1 = nn.Conv2d(3, width, 3, 1, 1, bias=False)
         self.bn1 = norm_layer(width)

@@ -241,8 +241,9 @@ def _run(cfg: Config, info: DistInfo) -> dict:
     steps_per_epoch = len(sampler.inner) // sampler.batch_size
     total = cfg.epochs * steps_per_epoch
     max_steps = total if cfg.max_steps is None else min(total, cfg.max_steps)
+    baseline = {}
     if knn is not None and pos["global_step"] == 0:
-        knn_monitor(cfg, model, knn, device, log, 0, baselines=image_spec(cfg)["small"])
+        baseline = knn_monitor(cfg, model, knn, device, log, 0, baselines=image_spec(cfg)["small"])
     last, meter, last_save = {}, Meter(), time.monotonic()
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     while pos["global_step"] < max_steps:
@@ -296,6 +297,10 @@ def _run(cfg: Config, info: DistInfo) -> dict:
                 last = {**last, **knn_monitor(cfg, model, knn, device, log, pos["global_step"], baselines=False)}
         if info.world_size > 1:
             torch.distributed.barrier()
+    if info.is_main and "pixels_top1" in baseline and "knn_top1" in last:
+        log.info(f"kNN top-1 (k={cfg.knn_k}, t={cfg.knn_t}) on the held-out split: learned features "
+                 f"{last['knn_top1']:.2f}%, untrained encoder {baseline['untrained_top1']:.2f}%, "
+                 f"raw pixels {baseline['pixels_top1']:.2f}%")
     if info.is_main:
         log.info(f"done: {pos['global_step']} steps, {skips.count} unreadable images skipped; "
                  f"plot: {plot_run(cfg.output_dir)}")

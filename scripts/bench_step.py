@@ -33,8 +33,8 @@ def main():
     for case in cases:
         rows += bench_case(case, device, args.repeats, compile_model=not args.no_compile)
         print_table(rows[-2:], ["case", "provider", "img_per_s", "step_ms", "speedup", "peak_MiB", "first_step_s"])
-    if args.json:
-        write_json(args.json, {"header": header, "rows": rows})
+        if args.json:  # after each case, so a run cut short still leaves its figures
+            write_json(args.json, {"header": header, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # On a GPU machine: build the extension with its CUDA kernels, run the GPU-marked tests and the op
-# benchmarks. Sized for one call of under 8 minutes. Leaves log.txt, tests.xml and bench_ops.json
+# and step benchmarks. Sized for one call of under 8 minutes. Leaves log.txt, build.txt, tests.xml,
+# bench_ops.json and bench_step.json
 # under $OUT (./gpu_check_out when $OUT is unset).
 #     bash scripts/gpu_check.sh
 set -uo pipefail
@@ -29,6 +30,10 @@ timeout 200 python -m pytest -q -m gpu tests --junitxml="$OUT/tests.xml" 2>&1 | 
 
 step "op benchmarks"
 timeout 240 python scripts/bench_ops.py --json "$OUT/bench_ops.json" 2>&1 | tee -a "$LOG"
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+
+step "step benchmarks"
+timeout 150 python scripts/bench_step.py --repeats 10 --json "$OUT/bench_step.json" 2>&1 | tee -a "$LOG"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
 step "done, status $status"
