@@ -1,0 +1,40 @@
+"""Presets, the official flag names, and bad values caught before any work."""
+import pytest
+
+from moco_fast.config import PRESETS, ConfigError, parse_config
+from moco_fast.train import ema_momentum, learning_rate
+
+
+def test_no_data_means_the_demo_preset():
+    cfg = parse_config([])
+    assert cfg.data is None and cfg.preset == "demo" and cfg.arch == PRESETS["demo"]["arch"]
+
+
+def test_preset_then_explicit_official_flags():
+    cfg = parse_config(["/data", "--preset", "moco_v2", "-a", "resnet18", "-b", "128", "--lr", "0.1", "--moco-k", "4096",
+                        "--moco-t", "0.3", "--schedule", "30", "40", "-j", "4", "--wd", "5e-4", "-p", "5"])
+    assert (cfg.mlp, cfg.aug_plus, cfg.cos) == (True, True, True)  # from the preset
+    assert (cfg.arch, cfg.batch_size, cfg.lr, cfg.moco_k, cfg.moco_t) == ("resnet18", 128, 0.1, 4096, 0.3)
+    assert (cfg.schedule, cfg.workers, cfg.weight_decay, cfg.print_freq) == ((30, 40), 4, 5e-4, 5)
+    v1 = parse_config(["/data", "--preset", "moco_v1"])
+    assert (v1.mlp, v1.aug_plus, v1.cos, v1.moco_t) == (False, False, False, 0.07)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--moco-m", "1.5"], "--moco-m must be in"),
+    (["-b", "0"], "--batch-size must be >= 1"),
+    (["--moco-t", "0"], "--moco-t and --lr must be positive"),
+])
+def test_bad_values(flags, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_config(["/data", *flags])
+
+
+def test_schedules():
+    cfg = parse_config(["/data", "--lr", "1", "--epochs", "100", "--schedule", "60", "80"])
+    assert [learning_rate(cfg, e) for e in (0, 59, 60, 80, 99)] == pytest.approx([1, 1, 0.1, 0.01, 0.01])
+    cos = parse_config(["/data", "--lr", "1", "--epochs", "100", "--cos"])
+    assert learning_rate(cos, 0) == 1 and learning_rate(cos, 50) == pytest.approx(0.5)
+    m = parse_config(["/data", "--moco-m", "0.99", "--moco-m-cos"])
+    assert ema_momentum(m, 0, 100) == pytest.approx(0.99) and ema_momentum(m, 100, 100) == pytest.approx(1.0)
+    assert ema_momentum(parse_config(["/data", "--moco-m", "0.99"]), 50, 100) == 0.99
