@@ -82,9 +82,9 @@ PRESETS = {
                   moco_k=4096, moco_m=0.99, moco_t=0.1, mlp=False, aug_plus=False, cos=True, bn_splits=8,
                   workers=8, knn_every=10),
     # Fashion-MNIST on a laptop-class CPU in under 10 minutes
-    "demo": dict(arch="small_resnet", lr=0.06, batch_size=256, epochs=3, weight_decay=5e-4, moco_dim=128,
-                 moco_k=4096, moco_m=0.99, moco_t=0.1, mlp=False, cos=True, bn_splits=4, workers=2,
-                 compile=False, print_freq=20, knn_every=3),
+    "demo": dict(arch="small_resnet", lr=0.06, batch_size=256, epochs=2, weight_decay=5e-4, moco_dim=128,
+                 moco_k=4096, moco_m=0.99, moco_t=0.1, mlp=False, cos=True, bn_splits=4, workers=1,
+                 compile=False, print_freq=20, knn_every=2),
     # the same data on a GPU, long enough for the features to beat raw pixels
     "demo_gpu": dict(arch="cifar_resnet18", lr=0.06, batch_size=512, epochs=100, weight_decay=5e-4,
                      moco_k=4096, moco_m=0.99, moco_t=0.1, cos=True, bn_splits=8, workers=8, knn_every=20),

@@ -120,3 +120,13 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path):
     assert result.returncode == 2 and "at step" in result.stderr, result.stderr[-2000:]
     assert "the loss is nan" in result.stderr or "the loss is inf" in result.stderr
     assert (out / "checkpoint.pth").read_bytes() == good
+
+
+@pytest.mark.skipif(not pathlib.Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz").exists(),
+                    reason="Debian's dataset-fashion-mnist is not installed")
+def test_demo_runs_with_no_data_argument(tmp_path):
+    result = pretrain("--max-steps", "2", "--knn-every", "0", "--output-dir", str(tmp_path / "demo"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert '"preset": "demo"' in result.stdout and '"arch": "small_resnet"' in result.stdout
+    assert [r["step"] for r in train_rows(tmp_path / "demo")] == [2]  # print-freq 20: the last step is logged
+
