@@ -1,5 +1,5 @@
-// Momentum (EMA) update of the key encoder on the CPU: every pair of tensors in one call, split into
-// blocks of BLOCK elements that threads take in parallel; math in fp32 (fp64 for fp64 tensors),
+// Momentum (EMA) update of the key encoder on the CPU: every pair of tensors in one call, the elements
+// of all of them split evenly over the threads; math in fp32 (fp64 for fp64 tensors),
 // p_k = m * p_k + (1 - m) * p_q with the same two roundings as the reference.
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -25,7 +25,7 @@ void ema_span(scalar_t* __restrict__ pk, const scalar_t* __restrict__ pq, int64_
 // fp32, the common case, compiled for AVX-512, AVX2 and baseline x86-64 and picked at load time
 // (no FMA: -ffp-contract=off keeps the two roundings of the reference).
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-__attribute__((target_clones("avx512f", "avx2", "default")))
+__attribute__((target_clones("avx2", "default")))
 #endif
 void ema_span_f32(float* __restrict__ pk, const float* __restrict__ pq, int64_t n, float m, float om) {
   for (int64_t i = 0; i < n; ++i) pk[i] = pk[i] * m + pq[i] * om;
@@ -55,20 +55,22 @@ void momentum_update_cpu(at::TensorList params_k, at::TensorList params_q, const
   TORCH_CHECK(params_k.size() == params_q.size(), "momentum_update_: params_k has ", params_k.size(),
               " tensors but params_q has ", params_q.size());
   if (m_tensor.has_value()) m = m_tensor->item<double>();
-  // Flatten the work into (tensor, offset) blocks so small and large tensors share the threads evenly.
-  std::vector<std::pair<int64_t, int64_t>> blocks;
+  // All tensors as one range of elements, split evenly over the threads (by elements, not by tensor,
+  // so a few large tensors among many small ones still keep every thread equally busy).
+  std::vector<int64_t> starts{0};
   for (size_t t = 0; t < params_k.size(); ++t) {
     const at::Tensor &pk = params_k[t], &pq = params_q[t];
     TORCH_CHECK(pk.sizes() == pq.sizes() && pk.strides() == pq.strides() && pk.scalar_type() == pq.scalar_type(),
                 "momentum_update_: pair ", t, " differs in shape, layout or dtype");
     TORCH_CHECK(pk.is_non_overlapping_and_dense(), "momentum_update_: tensor ", t, " is not dense");
-    for (int64_t off = 0; off < pk.numel(); off += BLOCK) blocks.emplace_back(t, off);
+    starts.push_back(starts.back() + pk.numel());
   }
-  at::parallel_for(0, static_cast<int64_t>(blocks.size()), 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      const auto [t, off] = blocks[b];
-      const at::Tensor &pk = params_k[t], &pq = params_q[t];
-      ema_block(pk, pq, off, std::min(BLOCK, pk.numel() - off), m);
+  at::parallel_for(0, starts.back(), BLOCK, [&](int64_t begin, int64_t end) {
+    // the first tensor that ends after `begin`, then walk on
+    size_t t = std::upper_bound(starts.begin(), starts.end(), begin) - starts.begin() - 1;
+    for (; t < params_k.size() && starts[t] < end; ++t) {
+      const int64_t lo = std::max(begin, starts[t]), hi = std::min(end, starts[t + 1]);
+      if (hi > lo) ema_block(params_k[t], params_q[t], lo - starts[t], hi - lo, m);
     }
   });
 }

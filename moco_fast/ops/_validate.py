@@ -46,6 +46,11 @@ def check_momentum_update(params_k, params_q, m) -> None:
     if len(params_k) != len(params_q):
         _fail(op, f"params_k and params_q must have the same length; got {len(params_k)} and {len(params_q)}")
     for i, (pk, pq) in enumerate(zip(params_k, params_q)):
+        # the common case in a few C calls (this runs for every tensor of the encoder, every step)
+        if (type(pk) is torch.Tensor and type(pq) is torch.Tensor and pk.dtype in FLOAT_DTYPES
+                and pq.dtype == pk.dtype and pq.device == pk.device and pk.is_contiguous() and pq.is_contiguous()
+                and pk.shape == pq.shape):
+            continue
         check_tensor(op, f"params_k[{i}]", pk)
         check_tensor(op, f"params_q[{i}]", pq, dtypes=(pk.dtype,), device=pk.device)
         if pk.shape != pq.shape:
