@@ -26,8 +26,9 @@ def backbone_only(encoder: nn.Module):
 
 
 @torch.no_grad()
-def extract_features(encoder, loader, device, pixels: bool = False):
-    """L2-normalised features and labels of a whole loader; pixels=True uses the raw pixels instead."""
+def extract_features(encoder, loader, device, pixels: bool = False, normalize: bool = True):
+    """Features (L2-normalised unless normalize=False) and labels of a whole loader; pixels=True uses
+    the raw pixels instead of the encoder."""
     was_training = encoder.training if encoder is not None else False
     if encoder is not None:
         encoder.eval()
@@ -41,7 +42,7 @@ def extract_features(encoder, loader, device, pixels: bool = False):
             else:
                 with backbone_only(encoder):
                     out = encoder(images)
-            feats.append(F.normalize(out.float(), dim=1))
+            feats.append(F.normalize(out.float(), dim=1) if normalize else out.float())
             labels.append(torch.as_tensor(targets).to(device))
     finally:
         if encoder is not None:

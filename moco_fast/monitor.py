@@ -85,7 +85,7 @@ def plot_run(output_dir: str) -> str | None:
     except ImportError:
         return None
     rows = read_metrics(output_dir)
-    train = [r for r in rows if r["kind"] == "train"]
+    train = [r for r in rows if r["kind"] == "train"] or [r for r in rows if r["kind"] == "lincls"]
     knn = [r for r in rows if r["kind"] == "knn"]
     fig, axes = plt.subplots(1, 2 if knn else 1, figsize=(11 if knn else 6, 4), squeeze=False)
     ax = axes[0][0]

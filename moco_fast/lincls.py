@@ -1,0 +1,233 @@
+"""Linear classification on frozen features (the official main_lincls.py recipe), and its fast
+approximation on cached features.
+
+Official: the backbone stays frozen in eval mode, a fresh fc (N(0, 0.01) weights, zero bias) is trained
+with SGD (lr 30, momentum 0.9, no weight decay) for 100 epochs, lr x0.1 at epochs 60 and 80, batch
+256, RandomResizedCrop + flip for training and resize 256 / center crop 224 for validation; at the
+end the backbone is checked to be bitwise unchanged (BatchNorm statistics included).
+--cached-features extracts the frozen features once (center crops) and trains the same fc on them.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import os
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torchvision import transforms
+
+from moco_fast import checkpoint, data
+from moco_fast.evaluate import extract_features
+from moco_fast.monitor import RunLog, plot_run
+
+
+class BackboneChanged(RuntimeError):
+    pass
+
+
+@dataclasses.dataclass
+class LinclsConfig:
+    pretrained: Optional[str] = None    # a pretrain.py checkpoint or an official MoCo release
+    data: Optional[str] = None          # None: the demo data (Fashion-MNIST)
+    arch: Optional[str] = None          # taken from the checkpoint when it says
+    dataset: str = "auto"
+    image_size: Optional[int] = None
+    epochs: int = 100
+    batch_size: int = 256
+    lr: float = 30.0
+    schedule: tuple = (60, 80)
+    weight_decay: float = 0.0
+    workers: int = 32
+    cached_features: bool = False
+    output_dir: str = "runs/lincls"
+    resume: str = ""
+    preset: Optional[str] = None
+    device: str = "auto"
+
+    def to_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "schedule": list(self.schedule)}
+
+
+PRESETS = {
+    "official": {},
+    # small images (CIFAR, STL-10, Fashion-MNIST): the same schedule, small-image transforms (by data set)
+    "small": dict(workers=8),
+    # after the pretraining demo, on the CPU: cached features make 100 epochs take seconds
+    "demo": dict(pretrained="runs/moco/checkpoint.pth", cached_features=True, workers=1, batch_size=256),
+}
+
+
+def parse_args(argv=None) -> LinclsConfig:
+    p = argparse.ArgumentParser(description="linear classification on frozen MoCo features")
+    p.add_argument("data", nargs="?", default=None, help="data path; omitted: the Fashion-MNIST demo data")
+    p.add_argument("--pretrained", help="checkpoint of scripts/pretrain.py or an official MoCo release")
+    p.add_argument("--preset", choices=sorted(PRESETS))
+    p.add_argument("-a", "--arch")
+    p.add_argument("--dataset")
+    p.add_argument("--image-size", type=int)
+    p.add_argument("--epochs", type=int)
+    p.add_argument("-b", "--batch-size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--schedule", type=int, nargs="*")
+    p.add_argument("--wd", dest="weight_decay", type=float)
+    p.add_argument("-j", "--workers", type=int)
+    p.add_argument("--cached-features", action="store_const", const=True)
+    p.add_argument("--output-dir")
+    p.add_argument("--resume", help="a checkpoint path or 'auto'")
+    p.add_argument("--device", choices=["auto", "cuda", "cpu"])
+    args = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
+    preset = args.get("preset") or (None if args.get("data") else "demo")
+    values = {**PRESETS.get(preset, {}), **args, "preset": preset}
+    if "schedule" in values:
+        values["schedule"] = tuple(values["schedule"])
+    cfg = LinclsConfig(**values)
+    if not cfg.pretrained:
+        raise ValueError("--pretrained is required: a checkpoint of scripts/pretrain.py or an official MoCo one")
+    return cfg
+
+
+def sanity_check(backbone: nn.Module, reference: dict) -> None:
+    """The official check: training the linear head must not have touched any backbone tensor."""
+    changed = [k for k, v in backbone.state_dict().items() if not torch.equal(v.cpu(), reference[k].cpu())]
+    if changed:
+        raise BackboneChanged(f"the frozen backbone changed during linear training: {changed[:10]}")
+
+
+def train_transform(spec: dict) -> transforms.Compose:
+    size, normalize = spec["image_size"], transforms.Normalize(spec["mean"], spec["std"])
+    crop = transforms.RandomResizedCrop(size) if not spec["small"] else transforms.RandomCrop(size, padding=4)
+    return transforms.Compose([crop, transforms.RandomHorizontalFlip(), transforms.ToTensor(), normalize])
+
+
+def new_head(feature_dim: int, num_classes: int) -> nn.Linear:
+    fc = nn.Linear(feature_dim, num_classes)
+    fc.weight.data.normal_(mean=0.0, std=0.01)
+    fc.bias.data.zero_()
+    return fc
+
+
+def lr_at(cfg, epoch: int) -> float:
+    return cfg.lr * 0.1 ** sum(epoch >= m for m in cfg.schedule)
+
+
+@torch.no_grad()
+def evaluate(backbone, fc, loader, device) -> dict:
+    """Acc@1 and Acc@5 (in %) on a loader of images, or of cached features when backbone is None."""
+    fc.eval()
+    hits1 = hits5 = total = 0
+    for batch in loader:
+        x, y = batch[0].to(device), torch.as_tensor(batch[1]).to(device)
+        feats = x if backbone is None else backbone(x)
+        top = fc(feats.float()).topk(min(5, fc.out_features), dim=1).indices
+        hits1 += (top[:, 0] == y).sum().item()
+        hits5 += (top == y[:, None]).any(dim=1).sum().item()
+        total += len(y)
+    fc.train()
+    return {"acc1": 100.0 * hits1 / total, "acc5": 100.0 * hits5 / total}
+
+
+def train_linear(cfg, backbone, feature_dim: int, train_loader, val_loader, num_classes: int, device,
+                 log: RunLog, cached: bool) -> dict:
+    """The official schedule over `cfg.epochs`; resumable from cfg.output_dir/checkpoint.pth."""
+    fc = new_head(feature_dim, num_classes).to(device)
+    opt = torch.optim.SGD(fc.parameters(), lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
+    start, path, best = 0, os.path.join(cfg.output_dir, "checkpoint.pth"), {}
+    if cfg.resume and os.path.isfile(path if cfg.resume == "auto" else cfg.resume):
+        ck = checkpoint.load(path if cfg.resume == "auto" else cfg.resume)
+        fc.load_state_dict(ck["fc"])
+        opt.load_state_dict(ck["optimizer"])
+        start, best = ck["epoch"], ck.get("best", {})
+        checkpoint.set_rng_state(ck["rng"])
+        log.info(f"resumed at epoch {start}")
+    step = start * len(train_loader)
+    for epoch in range(start, cfg.epochs):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(cfg, epoch)
+        log.start_epoch(epoch, len(train_loader))
+        for batch in train_loader:
+            x, y = batch[0].to(device, non_blocking=True), torch.as_tensor(batch[1]).to(device)
+            with torch.no_grad():
+                feats = x if cached else backbone(x)
+            loss = F.cross_entropy(fc(feats.float()), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+            log.advance()
+        log.end_epoch()
+        result = evaluate(None if cached else backbone, fc, val_loader, device)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"the linear head's loss is {loss.item()} in epoch {epoch}")
+        best = max(best, result, key=lambda r: r.get("acc1", -1)) if best else result
+        log.record("lincls", step, {"epoch": epoch + 1, "loss": loss.item(), "lr": lr_at(cfg, epoch), **result})
+        checkpoint.save_atomic({"fc": fc.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1,
+                                "best": best, "rng": checkpoint.rng_state(), "config": cfg.to_dict()}, path)
+    return {"last": result if cfg.epochs > start else best, "best": best}
+
+
+class TensorBatches:
+    """Mini-batches sliced straight out of feature tensors (no per-sample indexing or collation), in a
+    new random order each pass when shuffled."""
+
+    def __init__(self, features, labels, batch_size: int, shuffle: bool, seed: int = 0):
+        self.features, self.labels, self.batch_size, self.shuffle = features, labels, batch_size, shuffle
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __len__(self):
+        return (len(self.labels) + self.batch_size - 1) // self.batch_size
+
+    def __iter__(self):
+        n = len(self.labels)
+        order = torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
+        for start in range(0, n, self.batch_size):
+            idx = order[start:start + self.batch_size].to(self.features.device)
+            yield self.features[idx], self.labels[idx]
+
+
+def cached_loaders(backbone, train_loader_eval, val_loader, device, batch_size: int):
+    """Features of the center crops, extracted once: the head then trains in seconds."""
+    with torch.no_grad():
+        train = extract_features(backbone, train_loader_eval, device, normalize=False)
+        val = extract_features(backbone, val_loader, device, normalize=False)
+    return TensorBatches(*train, batch_size, shuffle=True), TensorBatches(*val, batch_size, shuffle=False)
+
+
+def frozen(backbone: nn.Module) -> tuple[nn.Module, dict]:
+    backbone.eval()
+    for p in backbone.parameters():
+        p.requires_grad = False
+    return backbone, copy.deepcopy(backbone.state_dict())
+
+
+def run_lincls(cfg, backbone, feature_dim: int, device) -> dict:
+    """Linear evaluation as cfg says; returns {"last": {...}, "best": {...}} accuracies."""
+    spec = data.DATASETS[data.detect_dataset(cfg.data, cfg.dataset)]._asdict()
+    if cfg.image_size:
+        spec["image_size"] = cfg.image_size
+    if not data.has_split(cfg.data, "val", cfg.dataset):
+        raise data.DataError(f"{cfg.data} has no labelled validation split to evaluate on")
+    backbone, reference = frozen(backbone.to(device))
+    log = RunLog(cfg.output_dir, True, resume=bool(cfg.resume))
+    evaluation = data.eval_transform(**spec)
+    val = data.build_dataset(cfg.data, "val", evaluation, cfg.dataset)
+    num_classes = len(val.classes)
+    make = lambda ds, shuffle: data.make_loader(ds, cfg.batch_size, cfg.workers, shuffle, drop_last=False)  # noqa: E731
+    if cfg.cached_features:
+        bank = data.build_dataset(cfg.data, "train", evaluation, cfg.dataset, labelled=True)
+        train_loader, val_loader = cached_loaders(backbone, make(bank, False), make(val, False), device,
+                                                  cfg.batch_size)
+    else:
+        train = data.build_dataset(cfg.data, "train", train_transform(spec), cfg.dataset, labelled=True)
+        train_loader, val_loader = make(train, True), make(val, False)
+    result = train_linear(cfg, backbone, feature_dim, train_loader, val_loader, num_classes, device, log,
+                          cached=cfg.cached_features)
+    sanity_check(backbone, reference)
+    log.info(f"linear classification top-1 {result['last']['acc1']:.2f}% (best {result['best']['acc1']:.2f}%), "
+             f"top-5 {result['last']['acc5']:.2f}%; backbone unchanged")
+    log.close()
+    plot_run(cfg.output_dir)
+    return result

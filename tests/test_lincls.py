@@ -1,0 +1,87 @@
+"""Linear classification on frozen features: end to end, the sanity check, cached features."""
+import json
+
+import pytest
+import torch
+
+from moco_fast import data
+from moco_fast.encoders import get_encoder
+from moco_fast.lincls import BackboneChanged, LinclsConfig, frozen, sanity_check, train_linear
+from moco_fast.monitor import RunLog
+from test_train import ROOT, make_folder, pretrain
+
+import subprocess
+import sys
+import os
+
+LINCLS = ROOT / "scripts" / "lincls.py"
+
+
+def lincls(*args):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, str(LINCLS), *args], env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lincls")
+    folder = make_folder(root / "data")
+    result = pretrain(str(folder), "-a", "small_resnet", "--moco-dim", "16", "--moco-k", "32", "-b", "16",
+                      "--no-compile", "--image-size", "24", "--max-steps", "2", "--output-dir", str(root / "pre"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    return folder, root / "pre" / "checkpoint.pth"
+
+
+@pytest.mark.parametrize("cached", [False, True], ids=["direct", "cached"])
+def test_one_linear_epoch_end_to_end(tmp_path, pretrained, cached):
+    folder, ckpt = pretrained
+    out = tmp_path / "lin"
+    result = lincls(str(folder), "--pretrained", str(ckpt), "--epochs", "2", "-b", "8", "-j", "0", "--image-size",
+                    "24", "--output-dir", str(out), *(["--cached-features"] if cached else []))
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert "backbone unchanged" in result.stdout
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2] and all(0 <= r["acc1"] <= r["acc5"] <= 100 for r in rows)
+    ck = torch.load(out / "checkpoint.pth", weights_only=True)
+    assert ck["epoch"] == 2 and ck["fc"]["weight"].shape == (2, 64)  # small_resnet: 64-d features, 2 classes
+    assert (out / "plot.png").exists()
+
+
+def test_wrong_checkpoint_is_a_clear_error(tmp_path, pretrained):
+    folder, _ = pretrained
+    bad = tmp_path / "bad.pth"
+    torch.save({"foo": torch.zeros(1)}, bad)
+    result = lincls(str(folder), "--pretrained", str(bad), "--output-dir", str(tmp_path / "x"))
+    assert result.returncode == 2 and "error:" in result.stderr and "foo" in result.stderr, result.stderr[-2000:]
+
+
+def test_sanity_check_catches_a_changed_backbone():
+    backbone, reference = frozen(get_encoder("small_resnet")(num_classes=4))
+    sanity_check(backbone, reference)  # untouched: passes
+    with torch.no_grad():
+        backbone.bn1.running_mean.add_(1e-3)  # even a BatchNorm statistic counts
+    with pytest.raises(BackboneChanged, match="bn1.running_mean"):
+        sanity_check(backbone, reference)
+
+
+def test_cached_features_match_the_direct_path_without_augmentation(tmp_path, pretrained):
+    folder, _ = pretrained
+    backbone = get_encoder("small_resnet")(num_classes=4)
+    backbone.fc = torch.nn.Identity()
+    backbone, _ = frozen(backbone)
+    spec = {**data.DATASETS["imagefolder"]._asdict(), "image_size": 24}
+    plain = data.eval_transform(**spec)
+    train = data.build_dataset(str(folder), "train", plain)
+    val = data.build_dataset(str(folder), "val", plain)
+    direct = [data.make_loader(ds, 8, 0, shuffle=False, drop_last=False) for ds in (train, val)]
+    with torch.no_grad():
+        feats = [[(backbone(x), y) for x, y, _ in loader] for loader in direct]
+    cached = [[(f, y) for f, y in batches] for batches in feats]  # the same batches, features computed once
+    results = []
+    for loaders, is_cached in ((direct, False), (cached, True)):
+        torch.manual_seed(0)
+        cfg = LinclsConfig(epochs=2, lr=1.0, output_dir=str(tmp_path / f"run{is_cached}"))
+        log = RunLog(cfg.output_dir, True)
+        results.append(train_linear(cfg, backbone, 64, loaders[0], loaders[1], 2, "cpu", log, cached=is_cached))
+        log.close()
+    assert results[0]["last"] == results[1]["last"]
