@@ -43,6 +43,7 @@ class LinclsConfig:
     weight_decay: float = 0.0
     workers: int = 32
     cached_features: bool = False
+    baseline: Optional[str] = None      # "pixels" or "untrained": what the learned features must beat
     output_dir: str = "runs/lincls"
     resume: str = ""
     preset: Optional[str] = None
@@ -76,6 +77,8 @@ def parse_args(argv=None) -> LinclsConfig:
     p.add_argument("--wd", dest="weight_decay", type=float)
     p.add_argument("-j", "--workers", type=int)
     p.add_argument("--cached-features", action="store_const", const=True)
+    p.add_argument("--baseline", choices=["pixels", "untrained"],
+                   help="instead of --pretrained: raw pixels, or the --arch encoder at its random init")
     p.add_argument("--output-dir")
     p.add_argument("--resume", help="a checkpoint path or 'auto'")
     p.add_argument("--device", choices=["auto", "cuda", "cpu"])
@@ -85,9 +88,28 @@ def parse_args(argv=None) -> LinclsConfig:
     if "schedule" in values:
         values["schedule"] = tuple(values["schedule"])
     cfg = LinclsConfig(**values)
-    if not cfg.pretrained:
+    if cfg.baseline:
+        cfg.pretrained = None
+    elif not cfg.pretrained:
         raise ValueError("--pretrained is required: a checkpoint of scripts/pretrain.py or an official MoCo one")
+    if cfg.baseline == "untrained" and not cfg.arch:
+        raise ValueError("--baseline untrained needs --arch")
     return cfg
+
+
+def baseline_backbone(cfg: LinclsConfig) -> tuple[nn.Module, int]:
+    """Raw pixels (flattened) or a randomly initialised encoder, with its feature size."""
+    from moco_fast.encoders import get_encoder
+    spec = data.DATASETS[data.detect_dataset(cfg.data, cfg.dataset)]
+    size = cfg.image_size or spec.image_size
+    if cfg.baseline == "pixels":
+        return nn.Flatten(), 3 * size * size
+    torch.manual_seed(0)
+    encoder = get_encoder(cfg.arch)()
+    encoder.fc = nn.Identity()
+    with torch.no_grad():
+        dim = encoder.eval()(torch.zeros(2, 3, size, size)).shape[1]
+    return encoder, dim
 
 
 def sanity_check(backbone: nn.Module, reference: dict) -> None:
@@ -131,10 +153,14 @@ def evaluate(backbone, fc, loader, device) -> dict:
 
 
 def train_linear(cfg, backbone, feature_dim: int, train_loader, val_loader, num_classes: int, device,
-                 log: RunLog, cached: bool) -> dict:
-    """The official schedule over `cfg.epochs`; resumable from cfg.output_dir/checkpoint.pth."""
+                 log: RunLog, cached: bool, is_main: bool = True) -> dict:
+    """The official schedule over `cfg.epochs`; resumable from cfg.output_dir/checkpoint.pth. Under a
+    process group the head is DDP-wrapped (each process reads its shard); rank 0 logs and saves."""
     fc = new_head(feature_dim, num_classes).to(device)
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    model = nn.parallel.DistributedDataParallel(fc) if distributed else fc
     opt = torch.optim.SGD(fc.parameters(), lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
+    bf16 = torch.device(device).type == "cuda"
     start, path, best = 0, os.path.join(cfg.output_dir, "checkpoint.pth"), {}
     if cfg.resume and os.path.isfile(path if cfg.resume == "auto" else cfg.resume):
         ck = checkpoint.load(path if cfg.resume == "auto" else cfg.resume)
@@ -147,12 +173,15 @@ def train_linear(cfg, backbone, feature_dim: int, train_loader, val_loader, num_
     for epoch in range(start, cfg.epochs):
         for group in opt.param_groups:
             group["lr"] = lr_at(cfg, epoch)
+        sampler = getattr(train_loader, "sampler", train_loader)
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)  # a new order each epoch, a function of (seed, epoch): resumable
         log.start_epoch(epoch, len(train_loader))
         for batch in train_loader:
             x, y = batch[0].to(device, non_blocking=True), torch.as_tensor(batch[1]).to(device)
-            with torch.no_grad():
+            with torch.no_grad(), torch.autocast(torch.device(device).type, torch.bfloat16, enabled=bf16):
                 feats = x if cached else backbone(x)
-            loss = F.cross_entropy(fc(feats.float()), y)
+            loss = F.cross_entropy(model(feats.float()), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -164,7 +193,8 @@ def train_linear(cfg, backbone, feature_dim: int, train_loader, val_loader, num_
             raise FloatingPointError(f"the linear head's loss is {loss.item()} in epoch {epoch}")
         best = max(best, result, key=lambda r: r.get("acc1", -1)) if best else result
         log.record("lincls", step, {"epoch": epoch + 1, "loss": loss.item(), "lr": lr_at(cfg, epoch), **result})
-        checkpoint.save_atomic({"fc": fc.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1,
+        if is_main:
+            checkpoint.save_atomic({"fc": fc.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1,
                                 "best": best, "rng": checkpoint.rng_state(), "config": cfg.to_dict()}, path)
     return {"last": result if cfg.epochs > start else best, "best": best}
 
@@ -173,27 +203,36 @@ class TensorBatches:
     """Mini-batches sliced straight out of feature tensors (no per-sample indexing or collation), in a
     new random order each pass when shuffled."""
 
-    def __init__(self, features, labels, batch_size: int, shuffle: bool, seed: int = 0):
+    def __init__(self, features, labels, batch_size: int, shuffle: bool, seed: int = 0, rank: int = 0,
+                 world_size: int = 1):
         self.features, self.labels, self.batch_size, self.shuffle = features, labels, batch_size, shuffle
-        self.generator = torch.Generator().manual_seed(seed)
+        self.seed, self.epoch, self.rank, self.world_size = seed, 0, rank, world_size
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
 
     def __len__(self):
-        return (len(self.labels) + self.batch_size - 1) // self.batch_size
+        n = len(self.labels) // self.world_size
+        return (n + self.batch_size - 1) // self.batch_size
 
     def __iter__(self):
         n = len(self.labels)
-        order = torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
-        for start in range(0, n, self.batch_size):
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(n, generator=generator) if self.shuffle else torch.arange(n)
+        order = order[self.rank:n - n % self.world_size:self.world_size]  # this process's equal shard
+        for start in range(0, len(order), self.batch_size):
             idx = order[start:start + self.batch_size].to(self.features.device)
             yield self.features[idx], self.labels[idx]
 
 
-def cached_loaders(backbone, train_loader_eval, val_loader, device, batch_size: int):
+def cached_loaders(backbone, train_loader_eval, val_loader, device, batch_size: int, rank: int = 0,
+                   world_size: int = 1):
     """Features of the center crops, extracted once: the head then trains in seconds."""
     with torch.no_grad():
         train = extract_features(backbone, train_loader_eval, device, normalize=False)
         val = extract_features(backbone, val_loader, device, normalize=False)
-    return TensorBatches(*train, batch_size, shuffle=True), TensorBatches(*val, batch_size, shuffle=False)
+    return (TensorBatches(*train, batch_size, shuffle=True, rank=rank, world_size=world_size),
+            TensorBatches(*val, batch_size, shuffle=False))
 
 
 def frozen(backbone: nn.Module) -> tuple[nn.Module, dict]:
@@ -203,28 +242,31 @@ def frozen(backbone: nn.Module) -> tuple[nn.Module, dict]:
     return backbone, copy.deepcopy(backbone.state_dict())
 
 
-def run_lincls(cfg, backbone, feature_dim: int, device) -> dict:
-    """Linear evaluation as cfg says; returns {"last": {...}, "best": {...}} accuracies."""
+def run_lincls(cfg, backbone, feature_dim: int, device, rank: int = 0, world_size: int = 1) -> dict:
+    """Linear evaluation as cfg says; returns {"last": {...}, "best": {...}} accuracies. Each of
+    world_size processes trains on its shard of the data (batch_size is global)."""
     spec = data.DATASETS[data.detect_dataset(cfg.data, cfg.dataset)]._asdict()
     if cfg.image_size:
         spec["image_size"] = cfg.image_size
     if not data.has_split(cfg.data, "val", cfg.dataset):
         raise data.DataError(f"{cfg.data} has no labelled validation split to evaluate on")
     backbone, reference = frozen(backbone.to(device))
-    log = RunLog(cfg.output_dir, True, resume=bool(cfg.resume))
+    log = RunLog(cfg.output_dir, rank == 0, resume=bool(cfg.resume))
+    per_rank = cfg.batch_size // world_size
     evaluation = data.eval_transform(**spec)
     val = data.build_dataset(cfg.data, "val", evaluation, cfg.dataset)
     num_classes = len(val.classes)
-    make = lambda ds, shuffle: data.make_loader(ds, cfg.batch_size, cfg.workers, shuffle, drop_last=False)  # noqa: E731
+    make = lambda ds, shuffle: data.make_loader(ds, per_rank, cfg.workers, shuffle, drop_last=False,  # noqa: E731
+                                                distributed=shuffle and world_size > 1)
     if cfg.cached_features:
         bank = data.build_dataset(cfg.data, "train", evaluation, cfg.dataset, labelled=True)
         train_loader, val_loader = cached_loaders(backbone, make(bank, False), make(val, False), device,
-                                                  cfg.batch_size)
+                                                  per_rank, rank, world_size)
     else:
         train = data.build_dataset(cfg.data, "train", train_transform(spec), cfg.dataset, labelled=True)
         train_loader, val_loader = make(train, True), make(val, False)
     result = train_linear(cfg, backbone, feature_dim, train_loader, val_loader, num_classes, device, log,
-                          cached=cfg.cached_features)
+                          cached=cfg.cached_features, is_main=rank == 0)
     sanity_check(backbone, reference)
     log.info(f"linear classification top-1 {result['last']['acc1']:.2f}% (best {result['best']['acc1']:.2f}%), "
              f"top-5 {result['last']['acc5']:.2f}%; backbone unchanged")

@@ -8,6 +8,7 @@ from moco_fast import data
 from moco_fast.encoders import get_encoder
 from moco_fast.lincls import BackboneChanged, LinclsConfig, frozen, sanity_check, train_linear
 from moco_fast.monitor import RunLog
+from test_distributed import free_port
 from test_train import ROOT, make_folder, pretrain
 
 import subprocess
@@ -85,3 +86,17 @@ def test_cached_features_match_the_direct_path_without_augmentation(tmp_path, pr
         results.append(train_linear(cfg, backbone, 64, loaders[0], loaders[1], 2, "cpu", log, cached=is_cached))
         log.close()
     assert results[0]["last"] == results[1]["last"]
+
+
+def test_two_processes_under_torchrun(tmp_path, pretrained):
+    folder, ckpt = pretrained
+    out = tmp_path / "ddp"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={free_port()}", str(LINCLS), str(folder), "--pretrained", str(ckpt), "--epochs", "2",
+           "-b", "8", "-j", "0", "--image-size", "24", "--output-dir", str(out)]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2]  # rank 0 alone writes
+    assert torch.load(out / "checkpoint.pth", weights_only=True)["epoch"] == 2
