@@ -46,6 +46,7 @@ class LinclsConfig:
     baseline: Optional[str] = None      # "pixels" or "untrained": what the learned features must beat
     output_dir: str = "runs/lincls"
     resume: str = ""
+    seed: int = 0
     preset: Optional[str] = None
     device: str = "auto"
 
@@ -81,6 +82,7 @@ def parse_args(argv=None) -> LinclsConfig:
                    help="instead of --pretrained: raw pixels, or the --arch encoder at its random init")
     p.add_argument("--output-dir")
     p.add_argument("--resume", help="a checkpoint path or 'auto'")
+    p.add_argument("--seed", type=int)
     p.add_argument("--device", choices=["auto", "cuda", "cpu"])
     args = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
     preset = args.get("preset") or (None if args.get("data") else "demo")
@@ -156,6 +158,7 @@ def train_linear(cfg, backbone, feature_dim: int, train_loader, val_loader, num_
                  log: RunLog, cached: bool, is_main: bool = True) -> dict:
     """The official schedule over `cfg.epochs`; resumable from cfg.output_dir/checkpoint.pth. Under a
     process group the head is DDP-wrapped (each process reads its shard); rank 0 logs and saves."""
+    torch.manual_seed(cfg.seed)  # the head's initialisation, the same on every process
     fc = new_head(feature_dim, num_classes).to(device)
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     model = nn.parallel.DistributedDataParallel(fc) if distributed else fc

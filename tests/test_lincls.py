@@ -100,3 +100,19 @@ def test_two_processes_under_torchrun(tmp_path, pretrained):
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2]  # rank 0 alone writes
     assert torch.load(out / "checkpoint.pth", weights_only=True)["epoch"] == 2
+
+
+def test_resume_continues_where_it_stopped(tmp_path, pretrained):
+    folder, ckpt = pretrained
+    out = tmp_path / "res"
+    common = [str(folder), "--pretrained", str(ckpt), "-b", "8", "-j", "0", "--image-size", "24", "--cached-features",
+              "--output-dir", str(out)]
+    whole = lincls(*common[:-1], str(tmp_path / "whole"), "--epochs", "3")
+    first = lincls(*common, "--epochs", "1")
+    second = lincls(*common, "--epochs", "3", "--resume", "auto")
+    assert whole.returncode == first.returncode == second.returncode == 0, second.stderr[-2000:]
+    assert "resumed at epoch 1" in second.stdout
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    ref = [json.loads(line) for line in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    assert [(r["loss"], r["acc1"]) for r in rows] == [(r["loss"], r["acc1"]) for r in ref]  # bitwise
