@@ -221,7 +221,9 @@ def _run(cfg: Config, info: DistInfo) -> dict:
     if info.is_main:
         log.info(f"config ({info.world_size} process(es) on {device}):\n{cfg.dumps()}")
         checkpoint.write_text_atomic(os.path.join(cfg.output_dir, "config.json"), cfg.dumps())
-    random.seed(seed), np.random.seed(seed), torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
     loader, sampler = build_train_loader(cfg, info, seed)  # bad data paths fail here, before any work
     knn = build_knn_loaders(cfg) if cfg.knn_every and info.is_main else None
     model = build_model(cfg, device)
