@@ -204,6 +204,13 @@ def detect_dataset(data: str | os.PathLike | None, dataset: str = "auto") -> str
     return _locate(data, dataset).kind
 
 
+def image_spec(data: str | os.PathLike | None, dataset: str = "auto", image_size: int | None = None) -> dict:
+    """Keyword arguments for moco_augmentation / eval_transform: the data set's DatasetInfo as a dict,
+    with image_size replaced when one is given."""
+    spec = DATASETS[detect_dataset(data, dataset)]._asdict()
+    return {**spec, "image_size": image_size} if image_size else spec
+
+
 def _has_split(src: _Source, split: str) -> bool:
     if split not in ("train", "val"):
         raise DataError(f"split must be 'train' or 'val', got {split!r}")

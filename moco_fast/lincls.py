@@ -102,8 +102,7 @@ def parse_args(argv=None) -> LinclsConfig:
 def baseline_backbone(cfg: LinclsConfig) -> tuple[nn.Module, int]:
     """Raw pixels (flattened) or a randomly initialised encoder, with its feature size."""
     from moco_fast.encoders import get_encoder
-    spec = data.DATASETS[data.detect_dataset(cfg.data, cfg.dataset)]
-    size = cfg.image_size or spec.image_size
+    size = data.image_spec(cfg.data, cfg.dataset, cfg.image_size)["image_size"]
     if cfg.baseline == "pixels":
         return nn.Flatten(), 3 * size * size
     torch.manual_seed(0)
@@ -248,9 +247,7 @@ def frozen(backbone: nn.Module) -> tuple[nn.Module, dict]:
 def run_lincls(cfg, backbone, feature_dim: int, device, rank: int = 0, world_size: int = 1) -> dict:
     """Linear evaluation as cfg says; returns {"last": {...}, "best": {...}} accuracies. Each of
     world_size processes trains on its shard of the data (batch_size is global)."""
-    spec = data.DATASETS[data.detect_dataset(cfg.data, cfg.dataset)]._asdict()
-    if cfg.image_size:
-        spec["image_size"] = cfg.image_size
+    spec = data.image_spec(cfg.data, cfg.dataset, cfg.image_size)
     if not data.has_split(cfg.data, "val", cfg.dataset):
         raise data.DataError(f"{cfg.data} has no labelled validation split to evaluate on")
     backbone, reference = frozen(backbone.to(device))

@@ -82,8 +82,7 @@ class SeededSamples(torch.utils.data.Dataset):
 
 def image_spec(cfg: Config) -> dict:
     """Crop size, normalisation and whether the images are small (CIFAR-like), for this data set."""
-    spec = data.DATASETS[data.detect_dataset(cfg.data, cfg.dataset)]._asdict()
-    return {**spec, "image_size": cfg.image_size} if cfg.image_size else spec
+    return data.image_spec(cfg.data, cfg.dataset, cfg.image_size)
 
 
 def build_train_loader(cfg: Config, info: DistInfo, seed: int):

@@ -52,7 +52,7 @@ def evaluate(args) -> dict:
     if not data.has_split(args.data, "val", args.dataset):
         raise data.DataError(f"{where} has no labelled held-out split to classify: kNN needs DATA/train/<class>/* "
                              "and DATA/val/<class>/* (or a torchvision data set, whose test split is used)")
-    spec = {**data.DATASETS[kind]._asdict(), **({"image_size": args.image_size} if args.image_size else {})}
+    spec = data.image_spec(args.data, args.dataset, args.image_size)
     transform = data.eval_transform(**spec)
     bank = data.build_dataset(args.data, "train", transform, args.dataset, args.max_bad_images, labelled=True)
     test = data.build_dataset(args.data, "val", transform, args.dataset, args.max_bad_images)
