@@ -17,11 +17,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun(script: pathlib.Path, *args: str, nproc: int = 2, timeout: int = 600):
+def run_script(script: pathlib.Path, *args: str, nproc: int = 0, timeout: int = 600):
+    """Run a script of the checkout as one plain process (nproc=0) or as nproc processes under torchrun."""
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
-           f"--master_port={free_port()}", str(script), *args]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    launcher = [sys.executable]
+    if nproc:
+        launcher += ["-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
+                     f"--master_port={free_port()}"]
+    return subprocess.run([*launcher, str(script), *args], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def torchrun(script: pathlib.Path, *args: str, nproc: int = 2, timeout: int = 600):
+    return run_script(script, *args, nproc=nproc, timeout=timeout)
 
 
 @pytest.mark.slow

@@ -8,19 +8,14 @@ from moco_fast import data
 from moco_fast.encoders import get_encoder
 from moco_fast.lincls import BackboneChanged, LinclsConfig, frozen, sanity_check, train_linear
 from moco_fast.monitor import RunLog
-from test_distributed import free_port
+from test_distributed import run_script
 from test_train import ROOT, make_folder, pretrain
-
-import subprocess
-import sys
-import os
 
 LINCLS = ROOT / "scripts" / "lincls.py"
 
 
-def lincls(*args):
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, str(LINCLS), *args], env=env, capture_output=True, text=True, timeout=600)
+def lincls(*args, nproc: int = 0):
+    return run_script(LINCLS, *args, nproc=nproc)
 
 
 @pytest.fixture(scope="module")
@@ -91,11 +86,8 @@ def test_cached_features_match_the_direct_path_without_augmentation(tmp_path, pr
 def test_two_processes_under_torchrun(tmp_path, pretrained):
     folder, ckpt = pretrained
     out = tmp_path / "ddp"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-           f"--master_port={free_port()}", str(LINCLS), str(folder), "--pretrained", str(ckpt), "--epochs", "2",
-           "-b", "8", "-j", "0", "--image-size", "24", "--output-dir", str(out)]
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    result = lincls(str(folder), "--pretrained", str(ckpt), "--epochs", "2", "-b", "8", "-j", "0", "--image-size", "24",
+                    "--output-dir", str(out), nproc=2)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2]  # rank 0 alone writes

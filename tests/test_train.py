@@ -1,16 +1,13 @@
 """The pretraining trainer end to end on a small image folder the tests make: one process, two processes
 under torchrun, stop and resume, bad data, a corrupt image, a non-finite loss, --max-steps, the outputs."""
 import json
-import os
 import pathlib
-import subprocess
-import sys
 
 import pytest
 import torch
 from PIL import Image
 
-from test_distributed import free_port
+from test_distributed import run_script
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PRETRAIN = ROOT / "scripts" / "pretrain.py"
@@ -33,13 +30,7 @@ def make_folder(root: pathlib.Path, per_class: int = 16, classes: int = 2, val: 
 
 
 def pretrain(*args, nproc: int = 0, timeout: int = 600):
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    if nproc:
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
-               f"--master_port={free_port()}", str(PRETRAIN), *args]
-    else:
-        cmd = [sys.executable, str(PRETRAIN), *args]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    return run_script(PRETRAIN, *args, nproc=nproc, timeout=timeout)
 
 
 def train_rows(out: pathlib.Path):
