@@ -63,6 +63,105 @@ def enqueue_ref_(queue: torch.Tensor, ptr: torch.Tensor, keys: torch.Tensor) -> 
 
 
 # --------------------------------------------------------------------------------------------------
+# augment: the per-pixel stages of the MoCo data augmentation (torchvision's math on float tensors).
+# --------------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def crop_resize_ref(data: torch.Tensor, offsets: torch.Tensor, heights: torch.Tensor, widths: torch.Tensor,
+                    boxes: torch.Tensor, size: int) -> torch.Tensor:
+    """Antialiased bilinear crop-and-resize of N packed uint8 images (torchvision's resized_crop, PIL-like).
+
+    data: (total,) uint8, image i is CHW with C=3 at data[offsets[i]:]; offsets, heights, widths: (N,) int64;
+    boxes: (N, 4) int64 (top, left, height, width) inside each image. Returns (N, 3, size, size) fp32 in [0, 1].
+    """
+    out = []
+    for i in range(boxes.shape[0]):
+        start, h, w = int(offsets[i]), int(heights[i]), int(widths[i])
+        top, left, ch, cw = (int(v) for v in boxes[i])
+        img = data[start:start + 3 * h * w].view(3, h, w)
+        crop = img[None, :, top:top + ch, left:left + cw].float()           # 1x3xchxcw
+        out.append(F.interpolate(crop, size=(size, size), mode="bilinear", align_corners=False,
+                                 antialias=True)[0] / 255)
+    return torch.stack(out) if out else torch.empty(0, 3, size, size, device=data.device)
+
+
+def _gray(x: torch.Tensor) -> torch.Tensor:
+    """torchvision's rgb_to_grayscale weights: (N, 3, H, W) -> (N, 1, H, W)."""
+    r, g, b = x.unbind(1)
+    return (0.2989 * r + 0.587 * g + 0.114 * b).unsqueeze(1)
+
+
+def _blend(a: torch.Tensor, b: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    return (f * a + (1 - f) * b).clamp(0, 1)
+
+
+def _hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """torchvision's _rgb2hsv, h <- (h + shift) mod 1 (floor-mod), _hsv2rgb, for a per-sample shift (N, 1, 1, 1)."""
+    r, g, b = x.unbind(1)
+    maxc, minc = x.max(1).values, x.min(1).values
+    eqc = maxc == minc
+    cr = maxc - minc
+    ones = torch.ones_like(maxc)
+    s = cr / torch.where(eqc, ones, maxc)
+    cr_div = torch.where(eqc, ones, cr)
+    rc, gc, bc = (maxc - r) / cr_div, (maxc - g) / cr_div, (maxc - b) / cr_div
+    h = ((maxc == r) * (bc - gc) + ((maxc == g) & (maxc != r)) * (2.0 + rc - bc)
+         + ((maxc != g) & (maxc != r)) * (4.0 + gc - rc))
+    h = torch.fmod(h / 6.0 + 1.0, 1.0)
+    h = torch.remainder(h + shift[:, 0], 1.0)
+    i6 = torch.floor(h * 6.0)
+    f = h * 6.0 - i6
+    i = i6.to(torch.int32) % 6
+    p = (maxc * (1.0 - s)).clamp(0, 1)
+    q = (maxc * (1.0 - s * f)).clamp(0, 1)
+    t = (maxc * (1.0 - s * (1.0 - f))).clamp(0, 1)
+    table = torch.stack([torch.stack(row, 1) for row in
+                         [(maxc, q, p, p, t, maxc), (t, maxc, maxc, q, p, p), (p, p, t, maxc, maxc, q)]], 1)
+    return table.gather(2, i[:, None, None].expand(-1, 3, 1, -1, -1).long()).squeeze(2)  # N x 3 x H x W
+
+
+def _jitter_op(x: torch.Tensor, op: int, f: torch.Tensor) -> torch.Tensor:
+    """ColorJitter's op `op` (0 brightness, 1 contrast, 2 saturation, 3 hue) with factors f (N, 1, 1, 1)."""
+    if op == 0:
+        return (f * x).clamp(0, 1)
+    if op == 1:
+        return _blend(x, _gray(x).mean(dim=(1, 2, 3), keepdim=True), f)
+    if op == 2:
+        return _blend(x, _gray(x), f)
+    return _hue(x, f)
+
+
+@torch.no_grad()
+def color_augment_ref(x: torch.Tensor, factors: torch.Tensor, order: torch.Tensor, jitter: torch.Tensor,
+                      gray: torch.Tensor, flip: torch.Tensor, mean, std, gray_first: bool) -> torch.Tensor:
+    """Per sample: (grayscale if gray_first), ColorJitter in `order`, (grayscale if not gray_first), hflip,
+    normalise; the math of torchvision.transforms.functional on float tensors, in x's dtype.
+
+    x: (N, 3, H, W) in [0, 1]; factors: (N, 4) (brightness, contrast, saturation, hue shift); order: (N, 4)
+    int64, a permutation of 0..3 per sample (ColorJitter's fn_idx); jitter, gray, flip: (N,) bool;
+    mean, std: 3 floats. gray_first is MoCo v1's order (RandomGrayscale before ColorJitter).
+    """
+    def bcast(mask):
+        return mask.to(x.device).view(-1, 1, 1, 1)
+
+    factors, order = factors.to(x), order.to(x.device)
+    gray_m = bcast(gray)
+    if gray_first:
+        x = torch.where(gray_m, _gray(x).expand_as(x), x)
+    for pos in range(4):
+        for op in range(4):
+            chosen = bcast(jitter) & bcast(order[:, pos] == op)
+            if chosen.any():
+                x = torch.where(chosen, _jitter_op(x, op, factors[:, op].view(-1, 1, 1, 1)), x)
+    if not gray_first:
+        x = torch.where(gray_m, _gray(x).expand_as(x), x)
+    x = torch.where(bcast(flip), x.flip(3), x)
+    mean_t = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    std_t = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    return (x - mean_t) / std_t
+
+
+# --------------------------------------------------------------------------------------------------
 # The official MoCo (facebookresearch/moco, moco/builder.py), ported to run on any device and in one
 # process. Same order of operations, queue layout [dim, K], host-side pointer, queue clone.
 # --------------------------------------------------------------------------------------------------
