@@ -60,6 +60,8 @@ class Config:
     knn_t: float = 0.1
     max_bad_images: int = 100           # stop past this many unreadable images
     device: str = "auto"                # auto | cuda | cpu
+    gpu_aug: Optional[bool] = None      # decode and augment on the device (None: on when CUDA is available)
+    cuda_graph: bool = False            # capture the whole step (forward, backward, SGD) in one CUDA graph
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -143,6 +145,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--knn-t", type=float)
     p.add_argument("--max-bad-images", type=int)
     p.add_argument("--device", choices=["auto", "cuda", "cpu"])
+    p.add_argument("--gpu-aug", type=_str2bool, metavar="BOOL",
+                   help="decode JPEGs and augment on the device (default: on when CUDA is available)")
+    p.add_argument("--cuda-graph", action="store_const", const=True,
+                   help="replay the whole training step as one CUDA graph (CUDA only)")
     return p
 
 
@@ -171,5 +177,7 @@ def validate(cfg: Config) -> None:
         problems.append(f"--moco-t and --lr must be positive, got {cfg.moco_t} and {cfg.lr}")
     if cfg.max_steps is not None and cfg.max_steps < 0:
         problems.append(f"--max-steps must be >= 0, got {cfg.max_steps}")
+    if cfg.cuda_graph and cfg.device == "cpu":
+        problems.append("--cuda-graph needs a CUDA device, and --device cpu was given")
     if problems:
         raise ConfigError("bad configuration: " + "; ".join(problems))

@@ -20,11 +20,12 @@ class DistInfo:
         return self.rank == 0
 
 
-def setup_distributed(device: str | None = None) -> DistInfo:
+def setup_distributed(device: str | None = None, cuda_graph: bool = False) -> DistInfo:
     """Join the process group torchrun describes (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT).
 
     One process without those variables needs no group. NCCL when the device is CUDA, gloo otherwise.
-    `device` ("cuda" or "cpu") defaults to CUDA when it is available.
+    `device` ("cuda" or "cpu") defaults to CUDA when it is available. `cuda_graph`: NCCL's async error
+    handling is turned off, as PyTorch documents for capturing collectives in a CUDA graph.
     """
     use_cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -33,6 +34,8 @@ def setup_distributed(device: str | None = None) -> DistInfo:
     if use_cuda:
         torch.cuda.set_device(dev)
     if world_size > 1 and not dist.is_initialized():
+        if cuda_graph and use_cuda:
+            os.environ["TORCH_NCCL_ASYNC_ERROR_HANDLING"] = "0"
         dist.init_process_group("nccl" if use_cuda else "gloo", device_id=dev if use_cuda else None)
     return DistInfo(rank, world_size, local_rank, dev)
 

@@ -24,6 +24,7 @@ from moco_fast.encoders import get_encoder
 from moco_fast.evaluate import knn_eval
 from moco_fast.model import MoCo
 from moco_fast.monitor import RunLog, plot_run
+from moco_fast.step import DDP_WARMUP, TrainStep, check_capturable, optimizer_state, set_learning_rate
 
 
 class NonFiniteLoss(RuntimeError):
@@ -144,29 +145,29 @@ class Meter:
     """Per-step metrics kept on the device; read (one host sync) every --print-freq steps."""
 
     def __init__(self):
-        self.losses, self.acc1, self.acc5 = [], [], []
+        self.rows = []
         self.first_step, self.wait, self.start = None, 0.0, time.perf_counter()
 
-    def add(self, step: int, loss, stats, wait: float) -> None:
+    def add(self, step: int, metrics: torch.Tensor, wait: float) -> None:
+        """metrics: a device tensor [loss, acc1, acc5] of one step (TrainStep's result)."""
         self.first_step = step if self.first_step is None else self.first_step
-        self.losses.append(loss.detach())
-        self.acc1.append(stats["acc1"].detach())
-        self.acc5.append(stats["acc5"].detach())
+        self.rows.append(metrics)
         self.wait += wait
 
     def flush(self, images_per_step: int) -> dict | None:
         """Means since the last flush; raises NonFiniteLoss naming the first step whose loss is NaN or inf."""
-        if not self.losses:
+        if not self.rows:
             return None
-        losses = torch.stack(self.losses).float().cpu()
+        rows = torch.stack(self.rows).float().cpu()
+        losses = rows[:, 0]
         bad = (~torch.isfinite(losses)).nonzero()
         if len(bad):
             step = self.first_step + int(bad[0])
             raise NonFiniteLoss(f"the loss is {losses[int(bad[0])].item()} at step {step}: stopping; "
                                 "the last checkpoint, written before that step, is kept")
         elapsed = time.perf_counter() - self.start
-        out = {"loss": losses.mean().item(), "acc1": 100 * torch.stack(self.acc1).float().mean().item(),
-               "acc5": 100 * torch.stack(self.acc5).float().mean().item(),
+        out = {"loss": losses.mean().item(), "acc1": 100 * rows[:, 1].mean().item(),
+               "acc5": 100 * rows[:, 2].mean().item(),
                "img_per_s": images_per_step * len(losses) / elapsed, "data_wait": self.wait / elapsed}
         self.__init__()
         return out
@@ -187,7 +188,7 @@ def make_optimizer(cfg: Config, model: MoCo, device: torch.device) -> torch.opti
 
 def save_checkpoint(cfg, model, opt, pos: dict, skipped: int, name: str = "checkpoint.pth") -> str:
     path = os.path.join(cfg.output_dir, name)
-    checkpoint.save_atomic({"model": model.state_dict(), "optimizer": opt.state_dict(), **pos,
+    checkpoint.save_atomic({"model": model.state_dict(), "optimizer": optimizer_state(opt), **pos,
                             "rng": checkpoint.rng_state(), "config": cfg.to_dict(), "skipped_images": skipped},
                            path)
     return path
@@ -205,7 +206,7 @@ def knn_monitor(cfg, model, knn, device, log: RunLog, step: int, baselines: bool
 
 def run(cfg: Config) -> dict:
     """Train as the config says; returns the last metrics. Called once per process (torchrun or plain)."""
-    info = setup_distributed(None if cfg.device == "auto" else cfg.device)
+    info = setup_distributed(None if cfg.device == "auto" else cfg.device, cuda_graph=cfg.cuda_graph)
     try:
         return _run(cfg, info)
     finally:
@@ -226,6 +227,8 @@ def _run(cfg: Config, info: DistInfo) -> dict:
     loader, sampler = build_train_loader(cfg, info, seed)  # bad data paths fail here, before any work
     knn = build_knn_loaders(cfg) if cfg.knn_every and info.is_main else None
     model = build_model(cfg, device)
+    if cfg.cuda_graph:
+        check_capturable(model, device)
     wrapped = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False) if info.world_size > 1 else model
     step_fn = torch.compile(wrapped) if cfg.compile else wrapped
     opt = make_optimizer(cfg, model, device)
@@ -239,6 +242,8 @@ def _run(cfg: Config, info: DistInfo) -> dict:
         pos = {key: ck[key] for key in pos}
         checkpoint.set_rng_state(ck["rng"])
         log.info(f"resumed from {resume_path} at epoch {pos['epoch']}, step {pos['global_step']}")
+    train_step = TrainStep(step_fn, opt, device, use_bf16, cuda_graph=cfg.cuda_graph,
+                           warmup=DDP_WARMUP if info.world_size > 1 else 3)
     steps_per_epoch = len(sampler.inner) // sampler.batch_size
     total = cfg.epochs * steps_per_epoch
     max_steps = total if cfg.max_steps is None else min(total, cfg.max_steps)
@@ -250,8 +255,7 @@ def _run(cfg: Config, info: DistInfo) -> dict:
     while pos["global_step"] < max_steps:
         epoch = pos["epoch"]
         lr = learning_rate(cfg, epoch)
-        for group in opt.param_groups:
-            group["lr"] = lr
+        set_learning_rate(opt, lr)
         sampler.set_epoch(epoch, skip_batches=pos["step_in_epoch"])
         log.start_epoch(epoch, steps_per_epoch, pos["step_in_epoch"])
         t = time.perf_counter()
@@ -263,12 +267,7 @@ def _run(cfg: Config, info: DistInfo) -> dict:
             momentum = ema_momentum(cfg, pos["global_step"], total)
             if momentum != model.m:
                 model.set_momentum(momentum)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                loss, stats = step_fn(im_q, im_k)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            meter.add(pos["global_step"] + 1, loss, stats, wait)
+            meter.add(pos["global_step"] + 1, train_step(im_q, im_k), wait)
             pos["global_step"] += 1
             pos["step_in_epoch"] += 1
             log.advance()
