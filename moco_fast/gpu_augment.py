@@ -1,0 +1,235 @@
+"""Batched MoCo augmentation on the device: random parameters drawn on the host, pixels changed by the ops.
+
+The parameters of every sample are drawn with torch ops on a CPU generator, vectorised over the batch,
+from the distributions of the official torchvision pipelines (data.moco_augmentation):
+
+    v1     RandomResizedCrop(S, scale=(0.2, 1)), RandomGrayscale(0.2), ColorJitter(0.4, 0.4, 0.4, 0.4), flip
+    v2     RandomResizedCrop(S, scale=(0.2, 1)), ColorJitter(0.4, 0.4, 0.4, 0.1) p=0.8, RandomGrayscale(0.2),
+           GaussianBlur(sigma ~ U[0.1, 2]) p=0.5, flip
+    small  RandomResizedCrop(S) (scale (0.08, 1)), flip, ColorJitter(0.4, 0.4, 0.4, 0.1) p=0.8, RandomGrayscale(0.2)
+
+The pixels go through ops.crop_resize (antialiased bilinear crop + resize) and ops.color_augment
+(jitter, grayscale, flip, normalise, in one pass), then the Gaussian blur here. The blur runs last, after
+the flip and the normalisation: both commute with it (a symmetric kernel that sums to 1, reflect
+padding, a per-channel affine map), so the result equals the official order.
+
+Beyond the official: the blur is torchvision's tensor gaussian_blur with a fixed 13-tap kernel
+(covers 3 sigma at the largest sigma, 2.0) instead of PIL's ImageFilter.GaussianBlur.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+
+class Recipe(NamedTuple):
+    scale: tuple[float, float]  # RandomResizedCrop's area fraction
+    hue: float                  # ColorJitter's hue strength (brightness, contrast, saturation: 0.4)
+    p_jitter: float
+    p_gray: float
+    p_blur: float
+    gray_first: bool            # v1 applies RandomGrayscale before ColorJitter
+
+
+RECIPES = {
+    "v1": Recipe(scale=(0.2, 1.0), hue=0.4, p_jitter=1.0, p_gray=0.2, p_blur=0.0, gray_first=True),
+    "v2": Recipe(scale=(0.2, 1.0), hue=0.1, p_jitter=0.8, p_gray=0.2, p_blur=0.5, gray_first=False),
+    "small": Recipe(scale=(0.08, 1.0), hue=0.1, p_jitter=0.8, p_gray=0.2, p_blur=0.0, gray_first=False),
+}
+JITTER = 0.4                  # brightness, contrast and saturation factors ~ U[0.6, 1.4]
+RATIO = (3.0 / 4.0, 4.0 / 3.0)
+SIGMA = (0.1, 2.0)
+BLUR_KERNEL = 2 * math.ceil(3 * SIGMA[1]) + 1  # 13 taps
+
+
+def recipe_name(aug_plus: bool, small: bool) -> str:
+    """The recipe data.moco_augmentation(aug_plus, small=small) builds."""
+    return "small" if small else ("v2" if aug_plus else "v1")
+
+
+class Packed(NamedTuple):
+    """Images of different sizes in one buffer: image i is the contiguous uint8 CHW (C=3) block of
+    data starting at element offsets[i]. offsets/heights/widths: int64 (N,) on the host."""
+    data: torch.Tensor
+    offsets: torch.Tensor
+    heights: torch.Tensor
+    widths: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+
+class AugmentParams(NamedTuple):
+    """Per-sample parameters, CPU tensors. boxes: int64 (N, 4) = (top, left, h, w); factors: float32
+    (N, 4) = (brightness, contrast, saturation, hue); order: int64 (N, 4), ColorJitter's fn_idx;
+    jitter/gray/flip: bool (N,); sigma: float32 (N,), 0 = no blur."""
+    boxes: torch.Tensor
+    factors: torch.Tensor
+    order: torch.Tensor
+    jitter: torch.Tensor
+    gray: torch.Tensor
+    flip: torch.Tensor
+    sigma: torch.Tensor
+
+
+def crop_boxes(heights: torch.Tensor, widths: torch.Tensor, generator: torch.Generator,
+               scale: tuple[float, float], ratio: tuple[float, float] = RATIO, attempts: int = 10) -> torch.Tensor:
+    """RandomResizedCrop.get_params for every image at once: int64 (N, 4) = (top, left, h, w).
+
+    All attempts are drawn at once and the first acceptable one is kept; an image with none takes the
+    central crop with its aspect ratio clamped to `ratio`, as torchvision does.
+    """
+    H = heights.to(torch.float64)[:, None]                                  # N x 1
+    W = widths.to(torch.float64)[:, None]
+    u = torch.rand(len(heights), attempts, 2, dtype=torch.float64, generator=generator)
+    area = H * W * (scale[0] + (scale[1] - scale[0]) * u[..., 0])            # N x attempts
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    r = torch.exp(log_lo + (log_hi - log_lo) * u[..., 1])
+    w, h = torch.round(torch.sqrt(area * r)), torch.round(torch.sqrt(area / r))  # both round half to even
+    ok = (w > 0) & (w <= W) & (h > 0) & (h <= H)
+    first = ok.to(torch.uint8).argmax(dim=1, keepdim=True)                  # first accepted attempt
+    found = ok.any(dim=1)
+    H, W = H[:, 0], W[:, 0]
+    in_ratio = W / H
+    fw = torch.where(in_ratio > ratio[1], torch.round(H * ratio[1]), W)      # the central fallback
+    fh = torch.where(in_ratio < ratio[0], torch.round(W / ratio[0]), H)
+    w = torch.where(found, w.gather(1, first)[:, 0], fw)
+    h = torch.where(found, h.gather(1, first)[:, 0], fh)
+    pos = torch.rand(len(heights), 2, dtype=torch.float64, generator=generator)
+    top = torch.where(found, torch.floor(pos[:, 0] * (H - h + 1)), torch.div(H - h, 2, rounding_mode="floor"))
+    left = torch.where(found, torch.floor(pos[:, 1] * (W - w + 1)), torch.div(W - w, 2, rounding_mode="floor"))
+    return torch.stack([top, left, h, w], dim=1).to(torch.int64)
+
+
+def sample_params(recipe: str, heights: torch.Tensor, widths: torch.Tensor,
+                  generator: torch.Generator) -> AugmentParams:
+    """One view's random parameters for images of the given sizes (int64 (N,) CPU tensors)."""
+    rc = RECIPES[recipe]
+    n = len(heights)
+    boxes = crop_boxes(heights, widths, generator, rc.scale)
+    u = torch.rand(n, 4, generator=generator)
+    lo = torch.tensor([1 - JITTER] * 3 + [-rc.hue])
+    factors = lo + (torch.tensor([2 * JITTER] * 3 + [2 * rc.hue])) * u       # ColorJitter.get_params
+    order = torch.argsort(torch.rand(n, 4, generator=generator), dim=1)      # a uniform permutation
+    coins = torch.rand(n, 4, generator=generator)
+    sigma = SIGMA[0] + (SIGMA[1] - SIGMA[0]) * torch.rand(n, generator=generator)
+    sigma = torch.where(coins[:, 2] < rc.p_blur, sigma, torch.zeros(()))
+    return AugmentParams(boxes, factors, order, coins[:, 0] < rc.p_jitter, coins[:, 1] < rc.p_gray,
+                         coins[:, 3] < 0.5, sigma)
+
+
+def gaussian_kernels(sigma: torch.Tensor, size: int = BLUR_KERNEL) -> torch.Tensor:
+    """float32 (N, size): torchvision's _get_gaussian_kernel1d per sigma; sigma 0 gives the identity."""
+    half = (size - 1) * 0.5
+    x = torch.linspace(-half, half, steps=size, dtype=torch.float32, device=sigma.device)
+    safe = torch.where(sigma > 0, sigma, torch.ones(()))[:, None]
+    pdf = torch.exp(-0.5 * (x / safe).pow(2))
+    kernel = pdf / pdf.sum(dim=1, keepdim=True)
+    identity = (x == 0).to(torch.float32).expand_as(kernel)
+    return torch.where(sigma[:, None] > 0, kernel, identity)
+
+
+def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """Per-sample separable Gaussian blur of x (N, C, H, W), float; sigma: (N,) (0 = unchanged).
+
+    Same as torchvision.transforms.functional.gaussian_blur(x[i], [13, 13], [sigma[i]] * 2) for every
+    i (reflect padding). Only the blurred samples are touched; the result has x's memory format.
+    """
+    sigma = sigma.cpu()
+    idx = torch.nonzero(sigma > 0)[:, 0]                                     # no device sync: sigma is on the host
+    if len(idx) == 0:
+        return x
+    n, c, hgt, wid = len(idx), x.shape[1], x.shape[2], x.shape[3]
+    kernel = gaussian_kernels(sigma[idx]).to(x.device, x.dtype)              # n x 13
+    kernel = kernel.repeat_interleave(c, dim=0)[:, None]                     # (n*C) x 1 x 13
+    pad = BLUR_KERNEL // 2
+    dev_idx = idx.to(x.device)
+    y = x.index_select(0, dev_idx).contiguous().view(1, n * c, hgt, wid)
+    y = F.conv2d(F.pad(y, (pad, pad, 0, 0), mode="reflect"), kernel[:, :, None, :], groups=n * c)
+    y = F.conv2d(F.pad(y, (0, 0, pad, pad), mode="reflect"), kernel[:, :, :, None], groups=n * c)
+    out = x.clone()
+    out.index_copy_(0, dev_idx, y.view(n, c, hgt, wid).to(memory_format=_format(x)))
+    return out
+
+
+def _format(x: torch.Tensor) -> torch.memory_format:
+    return torch.channels_last if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) \
+        and not x.is_contiguous() else torch.contiguous_format
+
+
+def _ops(backend: str, device: torch.device):
+    """(crop_resize, color_augment) with moco_fast.ops' signatures for `backend` on `device`.
+
+    Until moco_fast.ops has the augment entries, "reference" (and "auto" on a CPU, which picks the
+    reference anyway) runs reference.py's spec; any other choice raises.
+    """
+    from moco_fast import ops, reference
+    if hasattr(ops, "crop_resize") and hasattr(ops, "color_augment"):
+        return ops.crop_resize, ops.color_augment
+    if backend == "reference" or (backend == "auto" and device.type == "cpu"):
+        return _crop_resize_ref, _color_augment_ref
+    raise RuntimeError(f"backend {backend!r} on {device.type}: moco_fast.ops has no crop_resize/color_augment yet "
+                       "(kernels/augment.py); only backend='reference' can run")
+
+
+def _crop_resize_ref(data, offsets, heights, widths, boxes, size, backend="reference", max_crop=None):
+    from moco_fast.reference import crop_resize_ref
+    return crop_resize_ref(data, offsets, heights, widths, boxes, size)
+
+
+def _color_augment_ref(x, factors, order, jitter, gray, flip, mean, std, gray_first, out_dtype=torch.float32,
+                       channels_last=True, backend="reference"):
+    from moco_fast.reference import color_augment_ref
+    y = color_augment_ref(x, factors, order, jitter, gray, flip, mean, std, gray_first).to(out_dtype)
+    return y.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+class GpuAugment:
+    """One recipe's augmentation of packed uint8 images into normalised views.
+
+        aug = GpuAugment("v2", 224, IMAGENET_MEAN, IMAGENET_STD, out_dtype=torch.bfloat16)
+        view = aug(packed, generator)                  # (N, 3, 224, 224), channels_last
+        im_q, im_k = aug.two_views(packed, generator)  # independent parameters, one launch per op
+
+    The pixels live on packed.data's device (CUDA or CPU); parameters come from `generator` (CPU).
+    """
+
+    def __init__(self, recipe: str, image_size: int, mean, std, out_dtype: torch.dtype = torch.float32,
+                 channels_last: bool = True, backend: str = "auto"):
+        if recipe not in RECIPES:
+            raise ValueError(f"recipe must be one of {sorted(RECIPES)}, got {recipe!r}")
+        self.recipe, self.size, self.backend = recipe, int(image_size), backend
+        self.mean, self.std = torch.tensor(mean, dtype=torch.float32), torch.tensor(std, dtype=torch.float32)
+        self.out_dtype, self.channels_last = out_dtype, channels_last
+        self.gray_first = RECIPES[recipe].gray_first
+
+    def params(self, packed: Packed, generator: torch.Generator) -> AugmentParams:
+        return sample_params(self.recipe, packed.heights, packed.widths, generator)
+
+    def apply(self, packed: Packed, p: AugmentParams) -> torch.Tensor:
+        """The views of `packed` under parameters `p`: (N, 3, S, S) in out_dtype on packed.data's device."""
+        dev = packed.data.device
+        crop_resize, color_augment = _ops(self.backend, dev)
+        to = lambda t: t.to(dev, non_blocking=True)  # noqa: E731
+        x = crop_resize(packed.data, to(packed.offsets), to(packed.heights), to(packed.widths), to(p.boxes),
+                        self.size, backend=self.backend)                     # N x 3 x S x S, fp32 in [0, 1]
+        blur = bool((p.sigma > 0).any())
+        x = color_augment(x, to(p.factors), to(p.order), to(p.jitter), to(p.gray), to(p.flip), to(self.mean),
+                          to(self.std), self.gray_first, out_dtype=torch.float32 if blur else self.out_dtype,
+                          channels_last=self.channels_last, backend=self.backend)
+        if blur:
+            x = gaussian_blur(x, p.sigma).to(self.out_dtype)
+        return x
+
+    def __call__(self, packed: Packed, generator: torch.Generator) -> torch.Tensor:
+        return self.apply(packed, self.params(packed, generator))
+
+    def two_views(self, packed: Packed, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Query and key views, both images' parameters drawn independently, augmented in one batch of 2N."""
+        n = len(packed)
+        doubled = Packed(packed.data, packed.offsets.repeat(2), packed.heights.repeat(2), packed.widths.repeat(2))
+        views = self(doubled, generator)
+        return views[:n], views[n:]
