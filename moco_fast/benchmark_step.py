@@ -15,6 +15,7 @@ from moco_fast.benchmark import median_seconds, peak_extra_mib
 from moco_fast.encoders import get_encoder
 from moco_fast.model import MoCo
 from moco_fast.reference import MoCoRef
+from moco_fast.step import TrainStep
 
 # (name, arch, batch size, image size, K, MoCo v2 head)
 CASES = {
@@ -38,32 +39,29 @@ def _official_step(arch, K, mlp, device):
     return step
 
 
-def _our_step(arch, K, mlp, device, compile_model: bool, bf16: bool):
+def _our_step(arch, K, mlp, device, compile_model: bool, bf16: bool, cuda_graph: bool = False):
     model = MoCo(get_encoder(arch), dim=128, K=K, m=0.999, T=0.2, mlp=mlp).to(device)
     model = model.to(memory_format=torch.channels_last)
     fused = device.type == "cuda"
     opt = torch.optim.SGD(model.encoder_q.parameters(), lr=0.03, momentum=0.9, weight_decay=1e-4,
                           foreach=not fused, fused=fused or None)
     forward = torch.compile(model) if compile_model else model
-
-    def step(im_q, im_k):
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            loss, _ = forward(im_q, im_k)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    return step
+    return TrainStep(forward, opt, device, bf16, cuda_graph=cuda_graph, warmup=3)
 
 
-def bench_case(name: str, device: torch.device, repeats: int = 20, compile_model: bool = True) -> list[dict]:
+def bench_case(name: str, device: torch.device, repeats: int = 20, compile_model: bool = True,
+               cuda_graph: bool = False) -> list[dict]:
+    """Rows for the official-style step, ours, and (cuda_graph) ours replayed as one CUDA graph."""
     arch, batch, size, K, mlp = CASES[name]
     im_q = torch.randn(batch, 3, size, size, device=device)
     im_k = torch.randn(batch, 3, size, size, device=device)
     last = im_q.contiguous(memory_format=torch.channels_last), im_k.contiguous(memory_format=torch.channels_last)
     bf16 = device.type == "cuda"
     providers = {"official-style fp32 eager": (_official_step(arch, K, mlp, device), (im_q, im_k))}
-    providers["moco_fast " + ("bf16 " if bf16 else "") + ("compiled" if compile_model else "eager")] = (
-        _our_step(arch, K, mlp, device, compile_model, bf16), last)
+    ours = "moco_fast " + ("bf16 " if bf16 else "") + ("compiled" if compile_model else "eager")
+    providers[ours] = (_our_step(arch, K, mlp, device, compile_model, bf16), last)
+    if cuda_graph:  # its first 4 calls (warm-up 3, capture 1) fall in the first call and median_seconds' warm-up
+        providers[ours + " + CUDA graph"] = (_our_step(arch, K, mlp, device, compile_model, bf16, True), last)
     rows, base = [], None
     for provider, (step, inputs) in providers.items():
         t0 = time.perf_counter()

@@ -1,6 +1,7 @@
 """Whole training steps per second and peak memory, official-style MoCo against moco_fast, in one run.
 
     python scripts/bench_step.py                         # on a GPU: ResNet-50 bs 256 and 32, CIFAR R18 bs 512
+    python scripts/bench_step.py --cuda-graph            # also ours replayed as one CUDA graph
     python scripts/bench_step.py --case quick            # a CPU smoke run
 """
 import argparse
@@ -20,9 +21,12 @@ def main():
     parser.add_argument("--case", nargs="*", choices=list(CASES), help="default: all but quick on a GPU, quick on CPU")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--cuda-graph", action="store_true", help="also time our step replayed as one CUDA graph")
     parser.add_argument("--json", help="also write every figure to this JSON file")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.cuda_graph and device.type != "cuda":
+        parser.error("--cuda-graph needs a CUDA device")
     cases = args.case or ([c for c in CASES if c != "quick"] if device.type == "cuda" else ["quick"])
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -31,8 +35,10 @@ def main():
     print(" | ".join(f"{k}: {v}" for k, v in header.items()), flush=True)
     rows = []
     for case in cases:
-        rows += bench_case(case, device, args.repeats, compile_model=not args.no_compile)
-        print_table(rows[-2:], ["case", "provider", "img_per_s", "step_ms", "speedup", "peak_MiB", "first_step_s"])
+        case_rows = bench_case(case, device, args.repeats, compile_model=not args.no_compile,
+                               cuda_graph=args.cuda_graph)
+        rows += case_rows
+        print_table(case_rows, ["case", "provider", "img_per_s", "step_ms", "speedup", "peak_MiB", "first_step_s"])
         if args.json:  # after each case, so a run cut short still leaves its figures
             write_json(args.json, {"header": header, "rows": rows})
 
