@@ -1,0 +1,146 @@
+"""Data pipelines side by side: the PIL workers of the official recipe and the GPU data path.
+
+Figures are source images per second, each turned into two augmented views (query and key), after
+warm-up batches (worker start-up, cuDNN/nvjpeg initialisation) are excluded. The floor on the GPU is
+the decode: nvjpeg's throughput for the folder's JPEG sizes; for small images the augmentation reads
+3*H*W bytes and writes 2 * 3*S*S * itemsize bytes per image, far below the memory bandwidth.
+"""
+from __future__ import annotations
+
+import os
+import pathlib
+import time
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from PIL import Image
+
+from moco_fast import data as D
+from moco_fast.distributed import DistInfo
+from moco_fast.gpu_augment import GpuAugment
+from moco_fast.gpu_data import InMemoryLoader, make_gpu_train_loader
+
+
+class Sizes(NamedTuple):
+    files: int          # JPEGs in the synthetic folder
+    photo: tuple        # (width, height) of each JPEG
+    batch: int
+    image_size: int     # views of the folder
+    batches: int        # timed batches per folder pipeline
+    small_n: int        # images in the in-memory set
+    small_batch: int
+    small_batches: int
+
+
+FULL = Sizes(files=384, photo=(500, 375), batch=256, image_size=224, batches=16,
+             small_n=50_000, small_batch=1024, small_batches=40)
+QUICK = Sizes(files=24, photo=(120, 90), batch=8, image_size=64, batches=3,
+              small_n=256, small_batch=32, small_batches=3)
+
+
+def write_photos(root: pathlib.Path, n: int, size: tuple) -> pathlib.Path:
+    """n photo-like JPEGs (smooth colour fields plus grain, so the files compress like photos)."""
+    rng = np.random.default_rng(0)
+    folder = root / "c0"
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        coarse = Image.fromarray(rng.integers(0, 256, (12, 16, 3), dtype=np.uint8)).resize(size, Image.BICUBIC)
+        pixels = np.asarray(coarse).astype(np.int16) + rng.integers(-12, 13, (size[1], size[0], 3))
+        Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(folder / f"{i:05d}.jpg", quality=90)
+    return root
+
+
+class _Sampler(D.EpochRandomSampler):
+    """train.EpochSampler's interface for one process over a data set of n images."""
+
+    def __init__(self, n: int, batch_size: int):
+        super().__init__(range(n))
+        self.batch_size, self.skip = batch_size, 0
+
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        self.epoch, self.skip = epoch, skip_batches * self.batch_size
+
+    def __iter__(self):
+        return ((self.epoch, i) for i in list(super().__iter__())[self.skip:])
+
+    def __len__(self):
+        return self.n - self.skip
+
+
+def _time_batches(make_iter, batches: int, warmup: int, device: torch.device) -> float:
+    """Seconds for `batches` batches after `warmup` ones, re-iterating (new epochs) as needed."""
+    def stream():
+        epoch = 0
+        while True:
+            yield from make_iter(epoch)
+            epoch += 1
+    it = stream()
+    for _ in range(warmup):
+        next(it)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(batches):
+        batch = next(it)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    del batch
+    return time.perf_counter() - t
+
+
+def bench_pil(root, sz: Sizes, workers: int) -> dict:
+    transform = D.TwoCropsTransform(D.moco_augmentation(True, sz.image_size))
+    dataset = D.build_dataset(root, "train", transform, "imagefolder")
+    loader = D.make_loader(dataset, sz.batch, workers, shuffle=True, drop_last=True, pin_memory=False)
+
+    def epoch_iter(epoch):
+        loader.sampler.set_epoch(epoch)
+        return iter(loader)
+    seconds = _time_batches(epoch_iter, sz.batches, 1, torch.device("cpu"))
+    return {"pipeline": "PIL workers (v2)", "img_per_s": sz.batch * sz.batches / seconds, "workers": workers}
+
+
+def bench_gpu_folder(root, sz: Sizes, workers: int, device: torch.device, dtype: torch.dtype) -> dict:
+    dataset = D.build_dataset(root, "train", None, "imagefolder")
+    sampler = _Sampler(len(dataset), sz.batch)
+    loader = make_gpu_train_loader(dataset, sampler, workers, device, "v2", sz.image_size, D.IMAGENET_MEAN,
+                                   D.IMAGENET_STD, dtype, channels_last=True)
+
+    def epoch_iter(epoch):
+        sampler.set_epoch(epoch)
+        return iter(loader)
+    seconds = _time_batches(epoch_iter, sz.batches, 2, device)
+    return {"pipeline": "gpu path folder (v2)", "img_per_s": sz.batch * sz.batches / seconds, "workers": workers,
+            "cpu_decodes": loader.cpu_decodes}
+
+
+def bench_gpu_small(sz: Sizes, device: torch.device, dtype: torch.dtype) -> dict:
+    images = torch.randint(0, 256, (sz.small_n, 3, 32, 32), dtype=torch.uint8)
+    sampler = _Sampler(sz.small_n, sz.small_batch)
+    augment = GpuAugment("small", 32, D.CIFAR10_MEAN, D.CIFAR10_STD, dtype, channels_last=True)
+    loader = InMemoryLoader(images, torch.zeros(sz.small_n, dtype=torch.int64), sampler, augment, device, 0, 0)
+
+    def epoch_iter(epoch):
+        sampler.set_epoch(epoch)
+        return iter(loader)
+    seconds = _time_batches(epoch_iter, sz.small_batches, 2, device)
+    return {"pipeline": "gpu path in-memory (small)", "img_per_s": sz.small_batch * sz.small_batches / seconds,
+            "workers": 0}
+
+
+def run(root: pathlib.Path, quick: bool, device: torch.device, workers: int | None = None) -> list[dict]:
+    """All three pipelines; rows with img/s and the speed-up over the PIL pipeline."""
+    sz = QUICK if quick else FULL
+    workers = workers if workers is not None else (os.cpu_count() or 1)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    write_photos(root, sz.files, sz.photo)
+    folder = {"batch": sz.batch, "image_size": sz.image_size, "source": f"{sz.files} JPEGs {sz.photo[0]}x{sz.photo[1]}"}
+    rows = [{**bench_pil(root, sz, workers), **folder, "device": "cpu"},
+            {**bench_gpu_folder(root, sz, workers, device, dtype), **folder, "device": device.type},
+            {**bench_gpu_small(sz, device, dtype), "batch": sz.small_batch, "image_size": 32,
+             "source": f"{sz.small_n} uint8 32x32 in memory", "device": device.type}]
+    for r in rows:
+        r["vs_PIL"] = r["img_per_s"] / rows[0]["img_per_s"]
+        r["dtype"] = "float32" if r is rows[0] else str(dtype).removeprefix("torch.")
+    return rows

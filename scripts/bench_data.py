@@ -1,0 +1,39 @@
+"""Images per second (two augmented views each) of the PIL pipeline and the GPU data path, in one run.
+
+    python scripts/bench_data.py                 # 384 JPEGs of 500x375, 224 px views; CIFAR-sized in memory
+    python scripts/bench_data.py --quick         # a CPU smoke run of a few seconds
+"""
+import argparse
+import os
+import pathlib
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+from moco_fast.benchmark import machine_header, print_table, write_json  # noqa: E402
+from moco_fast.benchmark_data import run  # noqa: E402
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run")
+    parser.add_argument("--workers", type=int, help="DataLoader workers (default: all cores)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--json", help="also write every figure to this JSON file")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    header = machine_header(device.type)
+    print(" | ".join(f"{k}: {v}" for k, v in header.items()), flush=True)
+    with tempfile.TemporaryDirectory(prefix="bench_data_") as tmp:
+        rows = run(pathlib.Path(tmp), args.quick, device, args.workers)
+    print_table(rows, ["pipeline", "device", "img_per_s", "vs_PIL", "batch", "image_size", "dtype", "workers",
+                       "source"])
+    if args.json:
+        write_json(args.json, {"header": header, "rows": rows})
+
+
+if __name__ == "__main__":
+    main()
