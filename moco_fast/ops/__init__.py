@@ -4,6 +4,8 @@
     loss, stats = ops.infonce(q, k, queue, temperature, return_stats=True)
     ops.momentum_update_(params_k, params_q, m, backend="auto")
     ops.enqueue_(queue, ptr, keys, backend="auto")
+    images = ops.crop_resize(data, offsets, heights, widths, boxes, size, backend="auto")
+    x = ops.color_augment(images, factors, order, jitter, gray, flip, mean, std, gray_first, backend="auto")
     ops.available_backends()
 
 Backends: "reference" (pure PyTorch), "cpu" (C++), "cuda" (C++/CUDA), "triton", and "auto", which takes
@@ -17,7 +19,8 @@ import torch
 from moco_fast.ops import _backends, _custom, _validate
 from moco_fast.ops._backends import BACKENDS, OPS, available_backends, resolve
 
-__all__ = ["infonce", "momentum_update_", "enqueue_", "available_backends", "BACKENDS", "OPS"]
+__all__ = ["infonce", "momentum_update_", "enqueue_", "crop_resize", "color_augment", "available_backends",
+           "BACKENDS", "OPS"]
 
 
 def infonce(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature: float, backend: str = "auto",
@@ -72,6 +75,60 @@ def enqueue_(queue: torch.Tensor, ptr: torch.Tensor, keys: torch.Tensor, backend
         _custom.kernel("enqueue_", name)(queue, ptr, keys)
     else:
         _custom.enqueue_op(queue, ptr, keys, name)
+
+
+def crop_resize(data: torch.Tensor, offsets: torch.Tensor, heights: torch.Tensor, widths: torch.Tensor,
+                boxes: torch.Tensor, size: int, backend: str = "auto", max_crop=None,
+                check_values: bool = True) -> torch.Tensor:
+    """Antialiased bilinear crop-and-resize of packed uint8 images (torchvision's resized_crop, PIL-like).
+
+    data: (total,) uint8 holding image i as contiguous (3, heights[i], widths[i]) from data[offsets[i]];
+    offsets, heights, widths: (N,) int64; boxes: (N, 4) int64 (top, left, height, width) inside each image.
+    Returns (N, 3, size, size) fp32 in [0, 1] on data's device. The index tensors may be on the cpu when
+    data is not (they are copied over). The kernel loops over a bound on the filter taps, from max_crop
+    (the largest crop side, an int or (height, width)) when given, else from the boxes when they are on
+    the cpu, else from the largest image side (one host sync). check_values checks every box lies inside
+    its image (free on the cpu, one host sync on the GPU; skipped under torch.compile).
+    """
+    _validate.check_crop_resize(data, offsets, heights, widths, boxes, size)
+    if check_values and not torch.compiler.is_compiling():
+        _validate.check_crop_resize_values(data, offsets, heights, widths, boxes)
+    name = resolve("augment", backend, data.device.type)
+    if max_crop is None:
+        max_crop = (boxes[:, 2].max(), boxes[:, 3].max()) if boxes.device.type == "cpu" else (
+            heights.max(), widths.max())
+        max_crop = tuple(int(v) for v in max_crop) if boxes.shape[0] else (1, 1)
+    crop_y, crop_x = (max_crop, max_crop) if isinstance(max_crop, int) else max_crop
+    taps = _custom.crop_resize_taps(crop_y, size), _custom.crop_resize_taps(crop_x, size)
+    index = [t.to(data.device, non_blocking=True) for t in (offsets, heights, widths, boxes)]
+    if _eager(data):
+        return _custom.crop_resize_impl(data, *index, size, *taps, name)
+    return _custom.crop_resize_op(data, *index, size, *taps, name)
+
+
+def color_augment(x: torch.Tensor, factors: torch.Tensor, order: torch.Tensor, jitter: torch.Tensor,
+                  gray: torch.Tensor, flip: torch.Tensor, mean, std, gray_first: bool,
+                  out_dtype: torch.dtype = torch.float32, channels_last: bool = True, backend: str = "auto",
+                  check_values: bool = True) -> torch.Tensor:
+    """Per sample: RandomGrayscale (before the jitter when gray_first, MoCo v1; after it otherwise), ColorJitter
+    in the sample's order, horizontal flip, Normalize; torchvision's math on float tensors.
+
+    x: (N, 3, H, W) float in [0, 1]; factors: (N, 4) float (brightness, contrast, saturation >= 0, hue shift
+    in [-0.5, 0.5]); order: (N, 4) int64, a permutation of 0..3 per sample (0 brightness, 1 contrast,
+    2 saturation, 3 hue: ColorJitter's fn_idx); jitter, gray, flip: (N,) bool, whether each applies;
+    mean, std: 3 floats. The parameter tensors may be on the cpu when x is not. Returns a new
+    (N, 3, H, W) tensor of out_dtype, channels_last by default (what a convolution wants). The triton
+    backend computes in fp32; the reference in x's dtype. check_values checks order and factors (free on
+    the cpu, one host sync on the GPU; skipped under torch.compile).
+    """
+    _validate.check_color_augment(x, factors, order, jitter, gray, flip, mean, std, out_dtype)
+    if check_values and not torch.compiler.is_compiling():
+        _validate.check_color_augment_values(factors, order)
+    name = resolve("augment", backend, x.device.type)
+    params = [t.to(x.device, non_blocking=True) for t in (factors, order, jitter, gray, flip)]
+    mean, std = [float(v) for v in mean], [float(v) for v in std]
+    args = (x, *params, mean, std, bool(gray_first), out_dtype, bool(channels_last), name)
+    return _custom.color_augment_impl(*args) if _eager(x) else _custom.color_augment_op(*args)
 
 
 def _eager(t: torch.Tensor) -> bool:

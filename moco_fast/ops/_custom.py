@@ -7,6 +7,7 @@ or the pure-PyTorch reference.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -100,3 +101,68 @@ def enqueue_op(queue: Tensor, ptr: Tensor, keys: Tensor, backend: str) -> None:
 @enqueue_op.register_fake
 def _(queue, ptr, keys, backend):
     return None
+
+
+# ---------------------------------------------------------------------------------------- augment
+# No C++ kernel: the backends are "triton" and "reference" (_backends.unusable_reason says so).
+
+def augment_kernel(name: str, backend: str):
+    """'crop_resize' or 'color_augment' of the Triton launchers (backend 'triton'), else None (reference)."""
+    return getattr(_backends.triton_kernels("augment"), name) if backend == "triton" else None
+
+
+def crop_resize_taps(max_crop: int, size: int) -> int:
+    """A bound on the filter taps along an axis whose crops are at most max_crop long, resized to size:
+    ceil(2 * support) + 1 (support = max(crop / size, 1)), and never more than the crop itself."""
+    return max(1, min(math.ceil(2 * max(max_crop / size, 1.0)) + 1, max_crop))
+
+
+def crop_resize_impl(data, offsets, heights, widths, boxes, size, max_taps_y, max_taps_x, backend) -> Tensor:
+    launcher = augment_kernel("crop_resize", backend)
+    if launcher is None:
+        return reference.crop_resize_ref(data, offsets, heights, widths, boxes, size)
+    return launcher(data, offsets, heights, widths, boxes, size, max_taps_y, max_taps_x)
+
+
+def color_augment_impl(x, factors, order, jitter, gray, flip, mean, std, gray_first, out_dtype, channels_last,
+                       backend) -> Tensor:
+    launcher = augment_kernel("color_augment", backend)
+    if launcher is None:
+        out = reference.color_augment_ref(x, factors, order, jitter, gray, flip, mean, std, gray_first)
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        return out.to(dtype=out_dtype, memory_format=fmt)  # copies: never an alias of x
+    out = _new_image(x, out_dtype, channels_last)
+    launcher(x.float().contiguous(), factors.float().contiguous(), order.contiguous(), jitter, gray, flip,
+             mean, std, gray_first, out)
+    return out
+
+
+def _new_image(x: Tensor, dtype: torch.dtype, channels_last: bool) -> Tensor:
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    return torch.empty(x.shape, dtype=dtype, device=x.device, memory_format=fmt)
+
+
+@torch.library.custom_op("moco_fast::crop_resize", mutates_args=())
+def crop_resize_op(data: Tensor, offsets: Tensor, heights: Tensor, widths: Tensor, boxes: Tensor, size: int,
+                   max_taps_y: int, max_taps_x: int, backend: str) -> Tensor:
+    """(N, 3, size, size) fp32: antialiased bilinear crop-and-resize of the packed uint8 images."""
+    return crop_resize_impl(data, offsets, heights, widths, boxes, size, max_taps_y, max_taps_x, backend)
+
+
+@crop_resize_op.register_fake
+def _(data, offsets, heights, widths, boxes, size, max_taps_y, max_taps_x, backend):
+    return data.new_empty((boxes.shape[0], 3, size, size), dtype=torch.float32)
+
+
+@torch.library.custom_op("moco_fast::color_augment", mutates_args=())
+def color_augment_op(x: Tensor, factors: Tensor, order: Tensor, jitter: Tensor, gray: Tensor, flip: Tensor,
+                     mean: list[float], std: list[float], gray_first: bool, out_dtype: torch.dtype,
+                     channels_last: bool, backend: str) -> Tensor:
+    """(N, 3, H, W) of out_dtype: grayscale, colour jitter, flip and normalisation, per sample."""
+    return color_augment_impl(x, factors, order, jitter, gray, flip, mean, std, gray_first, out_dtype,
+                              channels_last, backend)
+
+
+@color_augment_op.register_fake
+def _(x, factors, order, jitter, gray, flip, mean, std, gray_first, out_dtype, channels_last, backend):
+    return _new_image(x, out_dtype, channels_last)

@@ -91,3 +91,85 @@ def check_enqueue(queue, ptr, keys) -> None:
         _fail("enqueue_", f"keys must be (B, {queue.shape[1]}) like the queue's rows; got {tuple(keys.shape)}")
     if queue.shape[0] < 1:
         _fail("enqueue_", f"queue must have at least one row; got shape {tuple(queue.shape)}")
+
+
+INDEX_DTYPES = (torch.int64,)
+
+
+def _same_device_or_cpu(op: str, name: str, t, device) -> None:
+    # index and parameter tensors may stay on the host: the op validates them there for free and copies them
+    if t.device != device and t.device.type != "cpu":
+        _fail(op, f"{name} must be on {device} or on the cpu; got {t.device}")
+
+
+def check_crop_resize(data, offsets, heights, widths, boxes, size) -> None:
+    op = "crop_resize"
+    check_tensor(op, "data", data, dim=1, dtypes=(torch.uint8,), contiguous=True)
+    check_tensor(op, "boxes", boxes, dim=2, dtypes=INDEX_DTYPES)
+    N = boxes.shape[0]
+    if boxes.shape[1] != 4:
+        _fail(op, f"boxes must be (N, 4) rows of (top, left, height, width); got shape {tuple(boxes.shape)}")
+    for name, t in (("offsets", offsets), ("heights", heights), ("widths", widths)):
+        check_tensor(op, name, t, dim=1, dtypes=INDEX_DTYPES)
+        if t.shape[0] != N:
+            _fail(op, f"{name} must have shape ({N},), one entry per row of boxes; got {tuple(t.shape)}")
+    for name, t in (("offsets", offsets), ("heights", heights), ("widths", widths), ("boxes", boxes)):
+        _same_device_or_cpu(op, name, t, data.device)
+    if not (isinstance(size, int) and size >= 1):
+        _fail(op, f"size must be a positive int; got {size!r}")
+
+
+def check_crop_resize_values(data, offsets, heights, widths, boxes) -> None:
+    """Every image inside data and every box inside its image (one host sync for device tensors)."""
+    top, left, h, w = boxes.unbind(1)
+    offsets, heights, widths = offsets.to(boxes.device), heights.to(boxes.device), widths.to(boxes.device)
+    bad_image = (offsets < 0) | (heights < 1) | (widths < 1) | (offsets + 3 * heights * widths > data.numel())
+    bad_box = (top < 0) | (left < 0) | (h < 1) | (w < 1) | (top + h > heights) | (left + w > widths)
+    if not bool((bad_image | bad_box).any()):
+        return
+    i = int((bad_image | bad_box).nonzero()[0, 0])
+    image = f"image {i} (offset {int(offsets[i])}, height {int(heights[i])}, width {int(widths[i])})"
+    if bool(bad_image[i]):
+        _fail("crop_resize", f"{image} must be a non-empty 3 x height x width image inside data of "
+                             f"{data.numel()} elements")
+    _fail("crop_resize", f"boxes[{i}] = {tuple(boxes[i].tolist())} (top, left, height, width) must be a non-empty "
+                         f"crop inside {image}")
+
+
+def check_color_augment(x, factors, order, jitter, gray, flip, mean, std, out_dtype) -> None:
+    op = "color_augment"
+    check_tensor(op, "x", x, dim=4)
+    N = x.shape[0]
+    if x.shape[1] != 3:
+        _fail(op, f"x must be (N, 3, H, W); got shape {tuple(x.shape)}")
+    check_tensor(op, "factors", factors)
+    check_tensor(op, "order", order, dtypes=INDEX_DTYPES)
+    for name, t in (("factors", factors), ("order", order)):
+        if tuple(t.shape) != (N, 4):
+            _fail(op, f"{name} must have shape ({N}, 4); got {tuple(t.shape)}")
+    for name, t in (("jitter", jitter), ("gray", gray), ("flip", flip)):
+        check_tensor(op, name, t, dtypes=(torch.bool,))
+        if tuple(t.shape) != (N,):
+            _fail(op, f"{name} must have shape ({N},); got {tuple(t.shape)}")
+    for name, t in (("factors", factors), ("order", order), ("jitter", jitter), ("gray", gray), ("flip", flip)):
+        _same_device_or_cpu(op, name, t, x.device)
+    for name, v in (("mean", mean), ("std", std)):
+        if len(v) != 3:
+            _fail(op, f"{name} must hold 3 floats, one per channel; got {len(v)}")
+    if any(float(s) == 0 for s in std):
+        _fail(op, f"std must not contain 0; got {tuple(std)}")
+    if out_dtype not in FLOAT_DTYPES:
+        _fail(op, f"out_dtype must be one of {[str(d) for d in FLOAT_DTYPES]}; got {out_dtype}")
+
+
+def check_color_augment_values(factors, order) -> None:
+    """Each order row a permutation of 0..3, factors in ColorJitter's ranges (one host sync on the GPU)."""
+    bad_order = (order.sort(dim=1).values != torch.arange(4, device=order.device)).any(1)
+    bad_factor = (factors[:, :3] < 0).any(1) | (factors[:, 3].abs() > 0.5) | ~factors.isfinite().all(1)
+    if not bool((bad_order | bad_factor).any()):
+        return
+    i = int((bad_order | bad_factor).nonzero()[0, 0])
+    if bool(bad_order[i]):
+        _fail("color_augment", f"order[{i}] must be a permutation of 0..3; got {order[i].tolist()}")
+    _fail("color_augment", f"factors[{i}] must be (brightness >= 0, contrast >= 0, saturation >= 0, hue in "
+                           f"[-0.5, 0.5]); got {factors[i].tolist()}")
