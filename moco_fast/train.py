@@ -17,11 +17,12 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from moco_fast import checkpoint, data
+from moco_fast import checkpoint, data, gpu_data
 from moco_fast.config import Config, ConfigError
 from moco_fast.distributed import DistInfo, cleanup_distributed, setup_distributed
 from moco_fast.encoders import get_encoder
 from moco_fast.evaluate import knn_eval
+from moco_fast.gpu_augment import recipe_name
 from moco_fast.model import MoCo
 from moco_fast.monitor import RunLog, plot_run
 from moco_fast.step import DDP_WARMUP, TrainStep, check_capturable, optimizer_state, set_learning_rate
@@ -86,16 +87,30 @@ def image_spec(cfg: Config) -> dict:
     return data.image_spec(cfg.data, cfg.dataset, cfg.image_size)
 
 
-def build_train_loader(cfg: Config, info: DistInfo, seed: int):
+def uses_gpu_aug(cfg: Config, device: torch.device) -> bool:
+    """--gpu-aug, by default on when the run is on CUDA."""
+    return cfg.gpu_aug if cfg.gpu_aug is not None else device.type == "cuda"
+
+
+def build_train_loader(cfg: Config, info: DistInfo, seed: int, out_dtype: torch.dtype = torch.float32):
+    """(loader, sampler). The loader yields ((im_q, im_k), targets, skipped paths): augmented by CPU workers
+    (PIL and torchvision transforms), or with --gpu-aug decoded and augmented on the device in out_dtype."""
     spec = image_spec(cfg)
-    base = data.moco_augmentation(cfg.aug_plus, **spec)
-    dataset = data.build_dataset(cfg.data, "train", data.TwoCropsTransform(base), cfg.dataset, cfg.max_bad_images)
+    gpu_aug = uses_gpu_aug(cfg, info.device)
+    transform = None if gpu_aug else data.TwoCropsTransform(data.moco_augmentation(cfg.aug_plus, **spec))
+    dataset = data.build_dataset(cfg.data, "train", transform, cfg.dataset, cfg.max_bad_images)
     per_rank = cfg.batch_size // info.world_size
     if per_rank * info.world_size != cfg.batch_size:
         raise ConfigError(f"--batch-size {cfg.batch_size} is not divisible by the {info.world_size} processes")
     if len(dataset) < cfg.batch_size:
         raise ConfigError(f"the data set has {len(dataset)} images, fewer than one batch of {cfg.batch_size}")
     sampler = EpochSampler(dataset, info, seed, per_rank)
+    if gpu_aug:
+        backend = cfg.backend if cfg.backend in ("reference", "triton") else "auto"  # no C++ augment kernel
+        loader = gpu_data.make_gpu_train_loader(
+            dataset, sampler, cfg.workers, info.device, recipe_name(cfg.aug_plus, spec["small"]), spec["image_size"],
+            spec["mean"], spec["std"], out_dtype, cfg.channels_last, seed, info.rank, backend)
+        return loader, sampler
     loader = torch.utils.data.DataLoader(
         SeededSamples(dataset, seed), batch_size=per_rank, sampler=sampler, num_workers=cfg.workers,
         pin_memory=info.device.type == "cuda", drop_last=True, persistent_workers=cfg.workers > 0,
@@ -194,6 +209,11 @@ def save_checkpoint(cfg, model, opt, pos: dict, skipped: int, name: str = "check
     return path
 
 
+def decode_counts(loader) -> dict:
+    """The GPU data path's count of images decoded on the CPU (PNG, CMYK, ...), for the log."""
+    return {"cpu_decodes": loader.cpu_decodes} if hasattr(loader, "cpu_decodes") else {}
+
+
 def knn_monitor(cfg, model, knn, device, log: RunLog, step: int, baselines: bool) -> dict:
     bank, test, classes = knn
     result = knn_eval(model.encoder_q, bank, test, classes, device, cfg.knn_k, cfg.knn_t)
@@ -224,7 +244,9 @@ def _run(cfg: Config, info: DistInfo) -> dict:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-    loader, sampler = build_train_loader(cfg, info, seed)  # bad data paths fail here, before any work
+    use_bf16 = cfg.amp == "bf16" or (cfg.amp == "auto" and device.type == "cuda")
+    # bad data paths fail here, before any work
+    loader, sampler = build_train_loader(cfg, info, seed, torch.bfloat16 if use_bf16 else torch.float32)
     knn = build_knn_loaders(cfg) if cfg.knn_every and info.is_main else None
     model = build_model(cfg, device)
     if cfg.cuda_graph:
@@ -232,7 +254,6 @@ def _run(cfg: Config, info: DistInfo) -> dict:
     wrapped = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False) if info.world_size > 1 else model
     step_fn = torch.compile(wrapped) if cfg.compile else wrapped
     opt = make_optimizer(cfg, model, device)
-    use_bf16 = cfg.amp == "bf16" or (cfg.amp == "auto" and device.type == "cuda")
     pos = {"epoch": 0, "step_in_epoch": 0, "global_step": 0}
     skips = data.SkipCounter(cfg.max_bad_images)
     if resume_path:
@@ -275,7 +296,8 @@ def _run(cfg: Config, info: DistInfo) -> dict:
             if pos["global_step"] % cfg.print_freq == 0 or done:
                 last = meter.flush(cfg.batch_size) or last
                 log.record("train", pos["global_step"], {**last, "epoch": epoch, "lr": lr, "moco_m": momentum,
-                                                          "skipped_images": skips.count})
+                                                          "skipped_images": skips.count,
+                                                          **decode_counts(loader)})
             if info.is_main and (done or time.monotonic() - last_save > 60 * cfg.checkpoint_minutes):
                 last = meter.flush(cfg.batch_size) or last  # never save past a non-finite loss
                 save_checkpoint(cfg, model, opt, pos, skips.count)

@@ -15,7 +15,8 @@ FAST = ["-a", "small_resnet", "--moco-dim", "16", "--moco-k", "40", "-b", "16", 
         "--no-compile", "--print-freq", "1", "--image-size", "24", "--seed", "3", "--bn-splits", "2"]
 
 
-def make_folder(root: pathlib.Path, per_class: int = 16, classes: int = 2, val: bool = True, corrupt: int = 0):
+def make_folder(root: pathlib.Path, per_class: int = 16, classes: int = 2, val: bool = True, corrupt: int = 0,
+                ext: str = "png"):
     generator = torch.Generator().manual_seed(0)
     for split in ("train", "val") if val else ("train",):
         for c in range(classes):
@@ -23,7 +24,7 @@ def make_folder(root: pathlib.Path, per_class: int = 16, classes: int = 2, val: 
             folder.mkdir(parents=True, exist_ok=True)
             for i in range(per_class):
                 pixels = (torch.rand(28, 28, 3, generator=generator) * 255).to(torch.uint8).numpy()
-                Image.fromarray(pixels).save(folder / f"{i}.png")
+                Image.fromarray(pixels).save(folder / f"{i}.{ext}")
     for i in range(corrupt):
         (root / "train" / "class0" / f"broken{i}.jpg").write_bytes(b"not an image at all" * 10)
     return root
@@ -59,13 +60,15 @@ def test_one_process_end_to_end_and_outputs(tmp_path):
     assert not list(out.glob(".tmp-*"))  # no half-written files left behind
 
 
-def test_stop_and_resume_is_exact(tmp_path):
-    data = make_folder(tmp_path / "data")
+@pytest.mark.parametrize("gpu_aug", ["false", "true"], ids=["cpu-workers", "gpu-aug-on-cpu"])
+def test_stop_and_resume_is_exact(tmp_path, gpu_aug):
+    data = make_folder(tmp_path / "data", ext="jpg")
     whole, part = tmp_path / "whole", tmp_path / "part"
-    assert pretrain(str(data), *FAST, "--max-steps", "5", "-j", "2", "--output-dir", str(whole)).returncode == 0
-    first = pretrain(str(data), *FAST, "--max-steps", "3", "-j", "2", "--output-dir", str(part))
+    args = (str(data), *FAST, "--gpu-aug", gpu_aug)
+    assert pretrain(*args, "--max-steps", "5", "-j", "2", "--output-dir", str(whole)).returncode == 0
+    first = pretrain(*args, "--max-steps", "3", "-j", "2", "--output-dir", str(part))
     assert first.returncode == 0, first.stderr[-3000:]
-    second = pretrain(str(data), *FAST, "--max-steps", "5", "-j", "0", "--resume", "auto", "--output-dir", str(part))
+    second = pretrain(*args, "--max-steps", "5", "-j", "0", "--resume", "auto", "--output-dir", str(part))
     assert second.returncode == 0, second.stderr[-3000:]
     assert "resumed from" in second.stdout
     # any number of workers, across an epoch boundary (step 3 is mid-epoch 1): bitwise the same losses
@@ -121,3 +124,28 @@ def test_demo_runs_with_no_data_argument(tmp_path):
     assert '"preset": "demo"' in result.stdout and '"arch": "small_resnet"' in result.stdout
     assert [r["step"] for r in train_rows(tmp_path / "demo")] == [2]  # print-freq 20: the last step is logged
 
+
+
+def test_gpu_data_path_on_the_cpu_counts_cpu_decodes_and_skips(tmp_path):
+    """--gpu-aug on CPU tensors: the same path as on a GPU. PNGs are decoded by PIL and counted, a corrupt
+    file is replaced and reported; the batches reach the model."""
+    data = make_folder(tmp_path / "data", per_class=8, val=False, corrupt=1, ext="jpg")
+    for i in range(3):
+        Image.new("RGB", (30, 20), (i * 60, 10, 200)).save(data / "train" / "class1" / f"extra{i}.png")
+    out = tmp_path / "run"
+    result = pretrain(str(data), *FAST, "--gpu-aug", "true", "--epochs", "5", "--max-steps", "4", "--output-dir", str(out))
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    rows = train_rows(out)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert rows[-1]["skipped_images"] >= 1 and rows[-1]["cpu_decodes"] >= 1  # 20 files: 4 steps of 16 meet both
+    assert all(r["loss"] > 0 for r in rows)
+
+
+def test_gpu_data_path_keeps_a_small_set_in_memory(tmp_path):
+    from test_data import write_mnist_like
+    write_mnist_like(tmp_path / "data", n_train=40, compress=True)  # the demo's 4 .gz files, tiny
+    out = tmp_path / "run"
+    result = pretrain(str(tmp_path / "data"), *FAST, "--gpu-aug", "true", "--max-steps", "2", "--output-dir", str(out))
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert '"gpu_aug": true' in result.stdout
+    assert [r["step"] for r in train_rows(out)] == [1, 2]
