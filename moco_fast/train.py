@@ -8,6 +8,7 @@ atomically); on the CPU a resumed run repeats the uninterrupted one's losses bit
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import random
@@ -251,7 +252,10 @@ def _run(cfg: Config, info: DistInfo) -> dict:
     model = build_model(cfg, device)
     if cfg.cuda_graph:
         check_capturable(model, device)
-    wrapped = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False) if info.world_size > 1 else model
+    wrapped = model
+    if info.world_size > 1:  # a captured DDP is built on a side stream, as PyTorch documents
+        with torch.cuda.stream(torch.cuda.Stream()) if cfg.cuda_graph else contextlib.nullcontext():
+            wrapped = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
     step_fn = torch.compile(wrapped) if cfg.compile else wrapped
     opt = make_optimizer(cfg, model, device)
     pos = {"epoch": 0, "step_in_epoch": 0, "global_step": 0}
