@@ -2,7 +2,7 @@
 
 Floors are stated in the code: InfoNCE does 4*N*K*C FLOPs (logits and the weighted key sum) and must
 read the queue once; the EMA moves 12 bytes per fp32 parameter (read p_k and p_q, write p_k); enqueue
-writes B rows. Each figure is a median with warm-up excluded; compile time is reported apart.
+writes B rows; augment must read each crop's uint8 pixels and write its output. Each figure is a median with warm-up excluded; compile time is reported apart.
 """
 from __future__ import annotations
 
@@ -159,7 +159,50 @@ def bench_enqueue(device: str, quick: bool = False, copy_gbps: float = 0.0) -> l
     return rows
 
 
-BENCHES = {"infonce": bench_infonce, "momentum_update": bench_momentum_update, "enqueue": bench_enqueue}
+# ---------------------------------------------------------------------------------------- augment
+def _augment_inputs(n: int, side: tuple[int, int], size: int, device: str):
+    """n decoded (3, 375, 500)-like uint8 images packed in one buffer, RandomResizedCrop-like boxes (area 0.2-1)."""
+    h, w = side
+    data = torch.randint(0, 256, (n * 3 * h * w,), dtype=torch.uint8, device=device)
+    offsets = torch.arange(n, dtype=torch.int64) * (3 * h * w)
+    heights, widths = torch.full((n,), h), torch.full((n,), w)
+    area = torch.empty(n).uniform_(0.2, 1.0) * h * w
+    ch = area.sqrt().clamp(1, h).long()
+    cw = (area / ch).clamp(1, w).long()
+    top = (torch.rand(n) * (h - ch + 1)).long()
+    left = (torch.rand(n) * (w - cw + 1)).long()
+    boxes = torch.stack([top, left, ch, cw], 1)
+    factors = torch.stack([torch.empty(n).uniform_(0.6, 1.4) for _ in range(3)] + [torch.empty(n).uniform_(-0.1, 0.1)], 1)
+    order = torch.stack([torch.randperm(4) for _ in range(n)])
+    flags = [torch.rand(n) < p for p in (0.8, 0.2, 0.5)]
+    return (data, offsets, heights, widths, boxes), (factors, order, *flags)
+
+
+def bench_augment(device: str, quick: bool = False, copy_gbps: float = 0.0) -> list[dict]:
+    """crop_resize (uint8 -> fp32 224x224) then color_augment (-> bf16 channels_last), MoCo v2's recipe."""
+    n, side, size = (8, (40, 50), 24) if quick else ((32 if device == "cpu" else 256), (375, 500), 224)
+    crop_args, color_args = _augment_inputs(n, side, size, device)
+    boxes = crop_args[4]
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    # floor: read every crop's uint8 pixels once, write and re-read the fp32 crops, write bf16 output
+    nbytes = int(3 * (boxes[:, 2] * boxes[:, 3]).sum()) + n * 3 * size * size * (4 + 4 + 2)
+
+    def pipeline(backend):
+        x = ops.crop_resize(*crop_args, size, backend=backend)
+        return ops.color_augment(x, *color_args, mean, std, False, out_dtype=torch.bfloat16, backend=backend)
+
+    rows, ref_time = [], None
+    for provider in ["reference"] + fast_backends("augment", device):
+        seconds = median_seconds(lambda: pipeline(provider), device, repeats=5 if provider == "reference" else 50)
+        ref_time = ref_time or seconds
+        rows.append({"op": "augment", "case": f"N={n} {side[0]}x{side[1]} -> {size}", "provider": provider,
+                     "time_us": seconds * 1e6, "GB/s": nbytes / seconds / 1e9, "speedup_vs_ref": ref_time / seconds,
+                     "x_floor": seconds / (nbytes / (copy_gbps * 1e9))})
+    return rows
+
+
+BENCHES = {"infonce": bench_infonce, "momentum_update": bench_momentum_update, "enqueue": bench_enqueue,
+           "augment": bench_augment}
 
 
 def run(op_names: list[str], device: str, quick: bool = False) -> tuple[float, list[dict]]:
