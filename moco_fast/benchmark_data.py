@@ -129,18 +129,22 @@ def bench_gpu_small(sz: Sizes, device: torch.device, dtype: torch.dtype) -> dict
             "workers": 0}
 
 
-def run(root: pathlib.Path, quick: bool, device: torch.device, workers: int | None = None) -> list[dict]:
-    """All three pipelines; rows with img/s and the speed-up over the PIL pipeline."""
+def run(root: pathlib.Path, quick: bool, device: torch.device, workers: int | None = None,
+        on_row=lambda row: None) -> list[dict]:
+    """All three pipelines; rows with img/s and the speed-up over the PIL pipeline; on_row(row) after each."""
     sz = QUICK if quick else FULL
     workers = workers if workers is not None else (os.cpu_count() or 1)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     write_photos(root, sz.files, sz.photo)
     folder = {"batch": sz.batch, "image_size": sz.image_size, "source": f"{sz.files} JPEGs {sz.photo[0]}x{sz.photo[1]}"}
-    rows = [{**bench_pil(root, sz, workers), **folder, "device": "cpu"},
-            {**bench_gpu_folder(root, sz, workers, device, dtype), **folder, "device": device.type},
-            {**bench_gpu_small(sz, device, dtype), "batch": sz.small_batch, "image_size": 32,
-             "source": f"{sz.small_n} uint8 32x32 in memory", "device": device.type}]
-    for r in rows:
-        r["vs_PIL"] = r["img_per_s"] / rows[0]["img_per_s"]
-        r["dtype"] = "float32" if r is rows[0] else str(dtype).removeprefix("torch.")
+    small = {"batch": sz.small_batch, "image_size": 32, "source": f"{sz.small_n} uint8 32x32 in memory"}
+    cases = [(lambda: bench_pil(root, sz, workers), folder, "cpu", "float32"),
+             (lambda: bench_gpu_folder(root, sz, workers, device, dtype), folder, device.type, dtype),
+             (lambda: bench_gpu_small(sz, device, dtype), small, device.type, dtype)]
+    rows = []
+    for bench, info, dev, dt in cases:
+        row = {**bench(), **info, "device": dev, "dtype": str(dt).removeprefix("torch.")}
+        row["vs_PIL"] = row["img_per_s"] / (rows[0] if rows else row)["img_per_s"]
+        rows.append(row)
+        on_row(row)
     return rows

@@ -27,12 +27,18 @@ def main():
     device = torch.device(args.device)
     header = machine_header(device.type)
     print(" | ".join(f"{k}: {v}" for k, v in header.items()), flush=True)
+    columns = ["pipeline", "device", "img_per_s", "vs_PIL", "batch", "image_size", "dtype", "workers", "source"]
+    done = []
+
+    def on_row(row):  # print and save after each pipeline, so a run cut short still leaves its figures
+        done.append(row)
+        print_table([row], columns)
+        if args.json:
+            write_json(args.json, {"header": header, "rows": done})
     with tempfile.TemporaryDirectory(prefix="bench_data_") as tmp:
-        rows = run(pathlib.Path(tmp), args.quick, device, args.workers)
-    print_table(rows, ["pipeline", "device", "img_per_s", "vs_PIL", "batch", "image_size", "dtype", "workers",
-                       "source"])
-    if args.json:
-        write_json(args.json, {"header": header, "rows": rows})
+        rows = run(pathlib.Path(tmp), args.quick, device, args.workers, on_row)
+    print()
+    print_table(rows, columns)
 
 
 if __name__ == "__main__":

@@ -201,7 +201,13 @@ def _encode(img: Image.Image, fmt: str, **kw) -> torch.Tensor:
     return torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8)
 
 
-def test_decode_fallbacks():
+DEVICES = [pytest.param("cpu", id="cpu"),
+           pytest.param("cuda", id="cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+               not torch.cuda.is_available(), reason="no CUDA device")])]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_decode_fallbacks(device):
     rng = np.random.default_rng(0)
     rgb = Image.fromarray(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8))
     smooth = Image.fromarray(np.repeat(np.linspace(0, 255, 50, dtype=np.uint8)[None, :, None], 20, 0).repeat(3, 2))
@@ -211,16 +217,18 @@ def test_decode_fallbacks():
     junk = torch.frombuffer(bytearray(b"\xff\xd8\xff" + rng.bytes(300)), dtype=torch.uint8)
     paths = ["a.jpg", "b.png", "c.jpg", "d.jpg", "e.jpg"]
     stats = GD.DecodeStats()
-    packed, skipped, source = GD.decode_batch([jpeg, png, cmyk, truncated, junk], "cpu", paths, stats)
+    packed, skipped, source = GD.decode_batch([jpeg, png, cmyk, truncated, junk], device, paths, stats)
+    assert packed.data.device.type == device
     assert skipped == ["d.jpg", "e.jpg"]
     assert source.tolist() == [0, 1, 2, 0, 0]
     assert (stats.device_decodes, stats.cpu_decodes, stats.unreadable) == (1, 2, 2)
     assert packed.heights.tolist() == [20, 30, 30, 20, 20] and packed.widths.tolist() == [50, 40, 40, 50, 50]
     image = lambda i: packed.data[packed.offsets[i]:].narrow(0, 0, 3 * packed.heights[i] * packed.widths[i]).view(  # noqa: E731
-        3, packed.heights[i], packed.widths[i])
-    assert torch.equal(image(1), torch.from_numpy(np.asarray(rgb)).permute(2, 0, 1))
-    assert torch.equal(image(2), torch.from_numpy(np.asarray(Image.open(io.BytesIO(cmyk.numpy().tobytes())).convert("RGB"))).permute(2, 0, 1))
-    assert (image(0).float() - torch.from_numpy(np.asarray(smooth)).permute(2, 0, 1).float()).abs().mean() < 2
+        3, packed.heights[i], packed.widths[i]).cpu()
+    pil = lambda img: torch.from_numpy(np.array(img)).permute(2, 0, 1)  # noqa: E731
+    assert torch.equal(image(1), pil(rgb))
+    assert torch.equal(image(2), pil(Image.open(io.BytesIO(cmyk.numpy().tobytes())).convert("RGB")))
+    assert (image(0).float() - pil(smooth).float()).abs().mean() < 2
     assert torch.equal(image(3), image(0))
     with pytest.raises(D.DataError, match="no readable image"):
         GD.decode_batch([junk], "cpu", ["e.jpg"])
@@ -250,11 +258,12 @@ def _batches(loader, epoch, skip=0):
     return [(q.clone(), k.clone(), t.clone(), s) for (q, k), t, s in loader]
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_folder_loader(tmp_path, dtype):
+def test_folder_loader(tmp_path, dtype, device):
     dataset = D.build_dataset(_jpeg_folder(tmp_path), "train", None)
     sampler = _sampler(dataset, 7)
-    loader = GD.make_gpu_train_loader(dataset, sampler, 0, "cpu", "v2", 32, D.IMAGENET_MEAN, D.IMAGENET_STD,
+    loader = GD.make_gpu_train_loader(dataset, sampler, 0, device, "v2", 32, D.IMAGENET_MEAN, D.IMAGENET_STD,
                                       out_dtype=dtype, seed=3)
     assert len(loader) == 2
     batches = _batches(loader, 0)
@@ -262,6 +271,7 @@ def test_folder_loader(tmp_path, dtype):
     for q, k, targets, skipped in batches:
         for view in (q, k):
             assert view.shape == (7, 3, 32, 32) and view.dtype == dtype and torch.isfinite(view.float()).all()
+            assert view.device.type == device
             assert view.is_contiguous(memory_format=torch.channels_last)
         assert targets.shape == (7,) and not torch.equal(q, k)
     skipped = [p for b in batches for p in b[3]]
@@ -285,8 +295,9 @@ def cifar(tmp_path, monkeypatch):
     return D.build_dataset(tmp_path, "train", None)
 
 
-def test_in_memory_loader(cifar):
-    loader = GD.make_gpu_train_loader(cifar, _sampler(cifar, 16), 0, "cpu", "small", 32, D.CIFAR10_MEAN,
+@pytest.mark.parametrize("device", DEVICES)
+def test_in_memory_loader(cifar, device):
+    loader = GD.make_gpu_train_loader(cifar, _sampler(cifar, 16), 0, device, "small", 32, D.CIFAR10_MEAN,
                                       D.CIFAR10_STD, out_dtype=torch.bfloat16, seed=0)
     images, targets = GD.in_memory_images(cifar.base)
     assert images.shape == (40, 3, 32, 32) and images.dtype == torch.uint8
@@ -296,7 +307,7 @@ def test_in_memory_loader(cifar):
     assert len(batches) == len(loader) == 2
     for q, k, t, skipped in batches:
         assert q.shape == k.shape == (16, 3, 32, 32) and q.dtype == torch.bfloat16 and skipped == []
-        assert q.is_contiguous(memory_format=torch.channels_last)
+        assert q.is_contiguous(memory_format=torch.channels_last) and q.device.type == device
 
 
 def test_gray_in_memory_set_repeats_channels(tmp_path):
