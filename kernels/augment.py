@@ -97,7 +97,8 @@ def _crop_resize_kernel(data_ptr, offsets_ptr, heights_ptr, widths_ptr, boxes_pt
 def crop_resize(data, offsets, heights, widths, boxes, size: int, max_taps_y: int, max_taps_x: int):
     """data: (total,) uint8 of CHW images at offsets (N,) int64 with heights, widths (N,) int64; boxes (N, 4)
     int64 (top, left, height, width) inside each image, all on one device; max_taps_*: at least the largest
-    tap count per axis in the batch (moco_fast.ops._custom.crop_resize_taps gives a bound). Returns (N, 3, size, size) fp32 in [0, 1]."""
+    tap count per axis in the batch (moco_fast.ops._custom.crop_resize_taps gives a bound).
+    Returns (N, 3, size, size) fp32 in [0, 1]."""
     _check_device(data, "crop_resize")
     n = boxes.shape[0]
     out = torch.empty((n, 3, size, size), dtype=torch.float32, device=data.device)

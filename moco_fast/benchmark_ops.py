@@ -2,7 +2,8 @@
 
 Floors are stated in the code: InfoNCE does 4*N*K*C FLOPs (logits and the weighted key sum) and must
 read the queue once; the EMA moves 12 bytes per fp32 parameter (read p_k and p_q, write p_k); enqueue
-writes B rows; augment must read each crop's uint8 pixels and write its output. Each figure is a median with warm-up excluded; compile time is reported apart.
+writes B rows; augment must read each crop's uint8 pixels and write its output. Each figure is a median
+with warm-up excluded; compile time is reported apart.
 """
 from __future__ import annotations
 
@@ -172,7 +173,8 @@ def _augment_inputs(n: int, side: tuple[int, int], size: int, device: str):
     top = (torch.rand(n) * (h - ch + 1)).long()
     left = (torch.rand(n) * (w - cw + 1)).long()
     boxes = torch.stack([top, left, ch, cw], 1)
-    factors = torch.stack([torch.empty(n).uniform_(0.6, 1.4) for _ in range(3)] + [torch.empty(n).uniform_(-0.1, 0.1)], 1)
+    factors = torch.stack([torch.empty(n).uniform_(0.6, 1.4) for _ in range(3)]
+                          + [torch.empty(n).uniform_(-0.1, 0.1)], 1)
     order = torch.stack([torch.randperm(4) for _ in range(n)])
     flags = [torch.rand(n) < p for p in (0.8, 0.2, 0.5)]
     return (data, offsets, heights, widths, boxes), (factors, order, *flags)

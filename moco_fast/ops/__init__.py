@@ -116,17 +116,18 @@ def color_augment(x: torch.Tensor, factors: torch.Tensor, order: torch.Tensor, j
     x: (N, 3, H, W) float in [0, 1]; factors: (N, 4) float (brightness, contrast, saturation >= 0, hue shift
     in [-0.5, 0.5]); order: (N, 4) int64, a permutation of 0..3 per sample (0 brightness, 1 contrast,
     2 saturation, 3 hue: ColorJitter's fn_idx); jitter, gray, flip: (N,) bool, whether each applies;
-    mean, std: 3 floats. The parameter tensors may be on the cpu when x is not. Returns a new
+    mean, std: 3 floats (or a tensor of 3). The parameter tensors may be on the cpu when x is not. Returns a new
     (N, 3, H, W) tensor of out_dtype, channels_last by default (what a convolution wants). The triton
     backend computes in fp32; the reference in x's dtype. check_values checks order and factors (free on
     the cpu, one host sync on the GPU; skipped under torch.compile).
     """
+    # Python floats: each is a kernel argument (tensors are read once, a host sync when on the GPU)
+    mean, std = ([float(v) for v in (m.tolist() if isinstance(m, torch.Tensor) else m)] for m in (mean, std))
     _validate.check_color_augment(x, factors, order, jitter, gray, flip, mean, std, out_dtype)
     if check_values and not torch.compiler.is_compiling():
         _validate.check_color_augment_values(factors, order)
     name = resolve("augment", backend, x.device.type)
     params = [t.to(x.device, non_blocking=True) for t in (factors, order, jitter, gray, flip)]
-    mean, std = [float(v) for v in mean], [float(v) for v in std]
     args = (x, *params, mean, std, bool(gray_first), out_dtype, bool(channels_last), name)
     return _custom.color_augment_impl(*args) if _eager(x) else _custom.color_augment_op(*args)
 
