@@ -1,4 +1,4 @@
-"""The registered ops moco_fast::infonce, moco_fast::momentum_update_, moco_fast::enqueue_.
+"""The registered ops moco_fast::infonce, momentum_update_, enqueue_, crop_resize and color_augment.
 
 Each is a torch.library custom op taking the (already resolved) backend name, with a fake kernel for
 torch.compile, declared mutations, and autograd for infonce. The implementations call one layer down:
