@@ -24,6 +24,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from moco_fast import ops
+
 
 class Recipe(NamedTuple):
     scale: tuple[float, float]  # RandomResizedCrop's area fraction
@@ -160,33 +162,6 @@ def _format(x: torch.Tensor) -> torch.memory_format:
         and not x.is_contiguous() else torch.contiguous_format
 
 
-def _ops(backend: str, device: torch.device):
-    """(crop_resize, color_augment) with moco_fast.ops' signatures for `backend` on `device`.
-
-    Until moco_fast.ops has the augment entries, "reference" (and "auto" on a CPU, which picks the
-    reference anyway) runs reference.py's spec; any other choice raises.
-    """
-    from moco_fast import ops, reference
-    if hasattr(ops, "crop_resize") and hasattr(ops, "color_augment"):
-        return ops.crop_resize, ops.color_augment
-    if backend == "reference" or (backend == "auto" and device.type == "cpu"):
-        return _crop_resize_ref, _color_augment_ref
-    raise RuntimeError(f"backend {backend!r} on {device.type}: moco_fast.ops has no crop_resize/color_augment yet "
-                       "(kernels/augment.py); only backend='reference' can run")
-
-
-def _crop_resize_ref(data, offsets, heights, widths, boxes, size, backend="reference", max_crop=None):
-    from moco_fast.reference import crop_resize_ref
-    return crop_resize_ref(data, offsets, heights, widths, boxes, size)
-
-
-def _color_augment_ref(x, factors, order, jitter, gray, flip, mean, std, gray_first, out_dtype=torch.float32,
-                       channels_last=True, backend="reference"):
-    from moco_fast.reference import color_augment_ref
-    y = color_augment_ref(x, factors, order, jitter, gray, flip, mean, std, gray_first).to(out_dtype)
-    return y.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-
-
 class GpuAugment:
     """One recipe's augmentation of packed uint8 images into normalised views.
 
@@ -202,7 +177,7 @@ class GpuAugment:
         if recipe not in RECIPES:
             raise ValueError(f"recipe must be one of {sorted(RECIPES)}, got {recipe!r}")
         self.recipe, self.size, self.backend = recipe, int(image_size), backend
-        self.mean, self.std = torch.tensor(mean, dtype=torch.float32), torch.tensor(std, dtype=torch.float32)
+        self.mean, self.std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
         self.out_dtype, self.channels_last = out_dtype, channels_last
         self.gray_first = RECIPES[recipe].gray_first
 
@@ -211,15 +186,14 @@ class GpuAugment:
 
     def apply(self, packed: Packed, p: AugmentParams) -> torch.Tensor:
         """The views of `packed` under parameters `p`: (N, 3, S, S) in out_dtype on packed.data's device."""
-        dev = packed.data.device
-        crop_resize, color_augment = _ops(self.backend, dev)
-        to = lambda t: t.to(dev, non_blocking=True)  # noqa: E731
-        x = crop_resize(packed.data, to(packed.offsets), to(packed.heights), to(packed.widths), to(p.boxes),
-                        self.size, backend=self.backend)                     # N x 3 x S x S, fp32 in [0, 1]
+        # Index and parameter tensors stay on the host: the ops copy them over without a host sync and
+        # bound the filter taps from the host boxes.
+        x = ops.crop_resize(packed.data, packed.offsets, packed.heights, packed.widths, p.boxes, self.size,
+                            backend=self.backend)                            # N x 3 x S x S, fp32 in [0, 1]
         blur = bool((p.sigma > 0).any())
-        x = color_augment(x, to(p.factors), to(p.order), to(p.jitter), to(p.gray), to(p.flip), to(self.mean),
-                          to(self.std), self.gray_first, out_dtype=torch.float32 if blur else self.out_dtype,
-                          channels_last=self.channels_last, backend=self.backend)
+        x = ops.color_augment(x, p.factors, p.order, p.jitter, p.gray, p.flip, self.mean, self.std, self.gray_first,
+                              out_dtype=torch.float32 if blur else self.out_dtype,
+                              channels_last=self.channels_last, backend=self.backend)
         if blur:
             x = gaussian_blur(x, p.sigma).to(self.out_dtype)
         return x
