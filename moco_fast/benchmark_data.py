@@ -17,7 +17,6 @@ import torch
 from PIL import Image
 
 from moco_fast import data as D
-from moco_fast.distributed import DistInfo
 from moco_fast.gpu_augment import GpuAugment
 from moco_fast.gpu_data import InMemoryLoader, make_gpu_train_loader
 

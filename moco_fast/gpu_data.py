@@ -35,9 +35,9 @@ from torchvision import datasets
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from moco_fast.data import _LOAD_ERRORS, DataError, MocoDataset
-from moco_fast.gpu_augment import GpuAugment, Packed, recipe_name
+from moco_fast.gpu_augment import GpuAugment, Packed
 
-__all__ = ["decode_batch", "DecodeStats", "make_gpu_train_loader", "build_gpu_train_loader", "batch_generator"]
+__all__ = ["decode_batch", "DecodeStats", "make_gpu_train_loader", "batch_generator"]
 
 
 # ------------------------------------------------------------------------------------------ decoding
@@ -266,22 +266,3 @@ def make_gpu_train_loader(dataset: MocoDataset, sampler, workers: int, device, r
         images, targets = in_memory_images(base)
         return InMemoryLoader(images, targets, sampler, augment, device, seed, rank)
     raise DataError(f"the GPU data path reads image folders and in-memory sets, not {type(base).__name__}")
-
-
-def build_gpu_train_loader(cfg, info, seed: int, out_dtype: torch.dtype = torch.float32):
-    """The GPU-path counterpart of train.build_train_loader(cfg, info, seed): (loader, sampler)."""
-    from moco_fast import data
-    from moco_fast.config import ConfigError
-    from moco_fast.train import EpochSampler  # here, not at the top: train may import this module
-    spec = data.image_spec(cfg.data, cfg.dataset, cfg.image_size)
-    dataset = data.build_dataset(cfg.data, "train", None, cfg.dataset, cfg.max_bad_images)
-    per_rank = cfg.batch_size // info.world_size
-    if per_rank * info.world_size != cfg.batch_size:
-        raise ConfigError(f"--batch-size {cfg.batch_size} is not divisible by the {info.world_size} processes")
-    if len(dataset) < cfg.batch_size:
-        raise ConfigError(f"the data set has {len(dataset)} images, fewer than one batch of {cfg.batch_size}")
-    sampler = EpochSampler(dataset, info, seed, per_rank)
-    loader = make_gpu_train_loader(dataset, sampler, cfg.workers, info.device, recipe_name(cfg.aug_plus, spec["small"]),
-                                   spec["image_size"], spec["mean"], spec["std"], out_dtype, cfg.channels_last,
-                                   seed, info.rank)
-    return loader, sampler
