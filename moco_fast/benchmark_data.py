@@ -30,12 +30,14 @@ class Sizes(NamedTuple):
     small_n: int        # images in the in-memory set
     small_batch: int
     small_batches: int
+    arch: str = "resnet50"  # the encoder of the end-to-end training cases
+    steps: int = 10         # timed training steps per end-to-end case
 
 
-FULL = Sizes(files=384, photo=(500, 375), batch=256, image_size=224, batches=16,
+FULL = Sizes(files=1024, photo=(500, 375), batch=256, image_size=224, batches=16,
              small_n=50_000, small_batch=1024, small_batches=40)
 QUICK = Sizes(files=24, photo=(120, 90), batch=8, image_size=64, batches=3,
-              small_n=256, small_batch=32, small_batches=3)
+              small_n=256, small_batch=32, small_batches=3, arch="small_resnet", steps=2)
 
 
 def write_photos(root: pathlib.Path, n: int, size: tuple) -> pathlib.Path:
@@ -128,9 +130,40 @@ def bench_gpu_small(sz: Sizes, device: torch.device, dtype: torch.dtype) -> dict
             "workers": 0}
 
 
+def bench_end_to_end(root, sz: Sizes, workers: int, device: torch.device, cuda_graph: bool) -> list[dict]:
+    """MoCo v2 training steps fed from the JPEG folder, the trainer's hot loop (loader, copy, TrainStep)
+    without its logging and checkpoints: the GPU data path, then the PIL workers, through one compiled step."""
+    from moco_fast.config import PRESETS, Config
+    from moco_fast.step import TrainStep
+    from moco_fast.train import build_model, make_optimizer
+    cfg = Config(**{**PRESETS["moco_v2"], "arch": sz.arch, "batch_size": sz.batch, "compile": device.type == "cuda"})
+    bf16 = device.type == "cuda"
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    model = build_model(cfg, device)
+    opt = make_optimizer(cfg, model, device)
+    step = TrainStep(torch.compile(model) if cfg.compile else model, opt, device, bf16, cuda_graph=cuda_graph)
+    gpu = make_gpu_train_loader(D.build_dataset(root, "train", None, "imagefolder"), _Sampler(sz.files, sz.batch),
+                                workers, device, "v2", sz.image_size, D.IMAGENET_MEAN, D.IMAGENET_STD, dtype)
+    pil = D.make_loader(D.build_dataset(root, "train", D.TwoCropsTransform(D.moco_augmentation(True, sz.image_size)),
+                                        "imagefolder"), sz.batch, workers, shuffle=True, drop_last=True)
+    rows = []
+    for name, loader, warmup, steps in [("gpu path", gpu, 5, sz.steps), ("PIL workers", pil, 1, max(2, sz.steps // 2))]:
+        def train_iter(epoch, loader=loader):
+            loader.sampler.set_epoch(epoch)
+            for (im_q, im_k), _, _ in loader:
+                im_q = im_q.to(device, dtype, non_blocking=True, memory_format=torch.channels_last)
+                im_k = im_k.to(device, dtype, non_blocking=True, memory_format=torch.channels_last)
+                yield step(im_q, im_k)
+        seconds = _time_batches(train_iter, steps, warmup, device)
+        rows.append({"pipeline": f"train {sz.arch} v2 from JPEGs, {name}" + (" + CUDA graph" if cuda_graph else ""),
+                     "img_per_s": sz.batch * steps / seconds, "workers": workers})
+    return rows
+
+
 def run(root: pathlib.Path, quick: bool, device: torch.device, workers: int | None = None,
-        on_row=lambda row: None) -> list[dict]:
-    """All three pipelines; rows with img/s and the speed-up over the PIL pipeline; on_row(row) after each."""
+        on_row=lambda row: None, end_to_end: bool = False, cuda_graph: bool = False) -> list[dict]:
+    """All three pipelines (and with end_to_end, training fed by the GPU path and by PIL workers); rows with
+    img/s and the speed-up over the PIL pipeline; on_row(row) after each."""
     sz = QUICK if quick else FULL
     workers = workers if workers is not None else (os.cpu_count() or 1)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -140,10 +173,14 @@ def run(root: pathlib.Path, quick: bool, device: torch.device, workers: int | No
     cases = [(lambda: bench_pil(root, sz, workers), folder, "cpu", "float32"),
              (lambda: bench_gpu_folder(root, sz, workers, device, dtype), folder, device.type, dtype),
              (lambda: bench_gpu_small(sz, device, dtype), small, device.type, dtype)]
+    if end_to_end:
+        cases.append((lambda: bench_end_to_end(root, sz, workers, device, cuda_graph), folder, device.type, dtype))
     rows = []
     for bench, info, dev, dt in cases:
-        row = {**bench(), **info, "device": dev, "dtype": str(dt).removeprefix("torch.")}
-        row["vs_PIL"] = row["img_per_s"] / (rows[0] if rows else row)["img_per_s"]
-        rows.append(row)
-        on_row(row)
+        result = bench()
+        for one in result if isinstance(result, list) else [result]:
+            row = {**one, **info, "device": dev, "dtype": str(dt).removeprefix("torch.")}
+            row["vs_PIL"] = row["img_per_s"] / (rows[0] if rows else row)["img_per_s"]
+            rows.append(row)
+            on_row(row)
     return rows

@@ -1,6 +1,7 @@
 """Images per second (two augmented views each) of the PIL pipeline and the GPU data path, in one run.
 
-    python scripts/bench_data.py                 # 384 JPEGs of 500x375, 224 px views; CIFAR-sized in memory
+    python scripts/bench_data.py                 # 1,024 JPEGs of 500x375, 224 px views; CIFAR-sized in memory
+    python scripts/bench_data.py --end-to-end    # also ResNet-50 MoCo v2 training fed by each pipeline
     python scripts/bench_data.py --quick         # a CPU smoke run of a few seconds
 """
 import argparse
@@ -22,6 +23,9 @@ def main():
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run")
     parser.add_argument("--workers", type=int, help="DataLoader workers (default: all cores)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--end-to-end", action="store_true",
+                        help="also MoCo v2 training (ResNet-50, bs 256) fed by each pipeline from the JPEG folder")
+    parser.add_argument("--cuda-graph", action="store_true", help="the end-to-end step replayed as one CUDA graph")
     parser.add_argument("--json", help="also write every figure to this JSON file")
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -36,7 +40,7 @@ def main():
         if args.json:
             write_json(args.json, {"header": header, "rows": done})
     with tempfile.TemporaryDirectory(prefix="bench_data_") as tmp:
-        rows = run(pathlib.Path(tmp), args.quick, device, args.workers, on_row)
+        rows = run(pathlib.Path(tmp), args.quick, device, args.workers, on_row, args.end_to_end, args.cuda_graph)
     print()
     print_table(rows, columns)
 
