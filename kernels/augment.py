@@ -38,6 +38,13 @@ def _axis(o, crop, size):
 
 
 @triton.jit
+def _taps(crop, size):
+    """An upper bound of the tap count of any output index along an axis: ceil(2 * support), within the crop."""
+    support = tl.maximum(crop.to(tl.float32) / size, 1.0)
+    return tl.minimum(tl.ceil(2.0 * support).to(tl.int32) + 1, crop)
+
+
+@triton.jit
 def _tap(j, xmin, xsize, center, invscale):
     w = tl.maximum(1.0 - tl.abs((j + xmin).to(tl.float32) - center + 0.5) * invscale, 0.0)
     return tl.where(j < xsize, w, 0.0)
@@ -59,6 +66,10 @@ def _crop_resize_kernel(data_ptr, offsets_ptr, heights_ptr, widths_ptr, boxes_pt
     crop_w = tl.load(boxes_ptr + 4 * n + 3).to(tl.int32)
     cy, ymin, ysize, inv_y = _axis(oy, crop_h, size)
     cx, xmin, xsize, inv_x = _axis(ox, crop_w, size)
+    # This sample's own tap bound (floor(a + 2s) - floor(a) <= ceil(2s)): one large image in the batch
+    # must not make every program loop over its taps.
+    max_taps_y = tl.minimum(_taps(crop_h, size), max_taps_y)
+    max_taps_x = tl.minimum(_taps(crop_w, size), max_taps_x)
     sum_y = tl.zeros([PIXELS], tl.float32)
     for j in range(0, max_taps_y):
         sum_y += _tap(j, ymin, ysize, cy, inv_y)
