@@ -134,11 +134,13 @@ def bench_end_to_end(root, sz: Sizes, workers: int, device: torch.device, cuda_g
     """MoCo v2 training steps fed from the JPEG folder, the trainer's hot loop (loader, copy, TrainStep)
     without its logging and checkpoints: the GPU data path, then the PIL workers, through one compiled step."""
     from moco_fast.config import PRESETS, Config
-    from moco_fast.step import TrainStep
+    from moco_fast.step import TrainStep, fast_cuda_settings
     from moco_fast.train import build_model, make_optimizer
     cfg = Config(**{**PRESETS["moco_v2"], "arch": sz.arch, "batch_size": sz.batch, "compile": device.type == "cuda"})
     bf16 = device.type == "cuda"
     dtype = torch.bfloat16 if bf16 else torch.float32
+    if bf16:
+        fast_cuda_settings()  # as the trainer does
     model = build_model(cfg, device)
     opt = make_optimizer(cfg, model, device)
     step = TrainStep(torch.compile(model) if cfg.compile else model, opt, device, bf16, cuda_graph=cuda_graph)

@@ -24,6 +24,12 @@ class GraphCaptureError(RuntimeError):
     """Something in the step cannot live in a CUDA graph; the message says what and what to do."""
 
 
+def fast_cuda_settings() -> None:
+    """cuDNN autotuning (the step's shapes never change: drop_last) and TF32 for what stays fp32."""
+    torch.backends.cudnn.benchmark = True
+    torch.set_float32_matmul_precision("high")
+
+
 def set_learning_rate(opt: torch.optim.Optimizer, lr: float) -> None:
     """Write lr into every group: in place when it is a device tensor (a captured step reads it there)."""
     for group in opt.param_groups:
@@ -72,7 +78,9 @@ class TrainStep:
                 group["lr"] = torch.tensor(float(group["lr"]), dtype=dtype, device=device)
 
     def _step(self, im_q: torch.Tensor, im_k: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+        # no autocast weight cache in a graph (PyTorch's advice for capture): the casts are replayed
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16,
+                            cache_enabled=not self.cuda_graph):
             loss, stats = self.forward(im_q, im_k)
         self.opt.zero_grad(set_to_none=True)  # captured: backward allocates the grads in the graph's pool
         loss.backward()

@@ -26,7 +26,8 @@ from moco_fast.evaluate import knn_eval
 from moco_fast.gpu_augment import recipe_name
 from moco_fast.model import MoCo
 from moco_fast.monitor import RunLog, plot_run
-from moco_fast.step import DDP_WARMUP, TrainStep, check_capturable, optimizer_state, set_learning_rate
+from moco_fast.step import (DDP_WARMUP, TrainStep, check_capturable, fast_cuda_settings, optimizer_state,
+                            set_learning_rate)
 
 
 class NonFiniteLoss(RuntimeError):
@@ -249,6 +250,8 @@ def _run(cfg: Config, info: DistInfo) -> dict:
     # bad data paths fail here, before any work
     loader, sampler = build_train_loader(cfg, info, seed, torch.bfloat16 if use_bf16 else torch.float32)
     knn = build_knn_loaders(cfg) if cfg.knn_every and info.is_main else None
+    if device.type == "cuda":
+        fast_cuda_settings()
     model = build_model(cfg, device)
     if cfg.cuda_graph:
         check_capturable(model, device)

@@ -14,6 +14,7 @@ import torch  # noqa: E402
 
 from moco_fast.benchmark import machine_header, print_table, write_json  # noqa: E402
 from moco_fast.benchmark_step import CASES, bench_case  # noqa: E402
+from moco_fast.step import fast_cuda_settings  # noqa: E402
 
 
 def main():
@@ -29,8 +30,7 @@ def main():
         parser.error("--cuda-graph needs a CUDA device")
     cases = args.case or ([c for c in CASES if c != "quick"] if device.type == "cuda" else ["quick"])
     if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-        torch.set_float32_matmul_precision("high")
+        fast_cuda_settings()
     header = machine_header(device.type)
     print(" | ".join(f"{k}: {v}" for k, v in header.items()), flush=True)
     rows = []
