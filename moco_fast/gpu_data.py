@@ -191,6 +191,30 @@ class _Loader:
             yield batch_generator(self.seed, epoch, self.rank, b)
 
 
+def _ahead_on_side_stream(batches, device: torch.device):
+    """Yield `batches` one ahead: on CUDA each batch's decode and augmentation are launched on a side
+    stream before the previous batch is handed out, so they overlap the training step on the main
+    stream. The main stream waits for a batch's work before using it; record_stream keeps the caching
+    allocator from reusing its memory while the main stream still reads it."""
+    if device.type != "cuda":
+        yield from batches
+        return
+    side = torch.cuda.Stream(device)
+
+    def launch():
+        with torch.cuda.stream(side):
+            return next(batches, None)
+    ahead = launch()
+    while ahead is not None:
+        main = torch.cuda.current_stream(device)
+        main.wait_stream(side)
+        (im_q, im_k), targets, skipped = ahead
+        for t in (im_q, im_k):
+            t.record_stream(main)
+        ahead = launch()
+        yield (im_q, im_k), targets, skipped
+
+
 class FolderLoader(_Loader):
     """Image folders: workers read bytes, the device decodes and augments (see the module docstring)."""
 
@@ -202,6 +226,9 @@ class FolderLoader(_Loader):
             persistent_workers=workers > 0, generator=torch.Generator().manual_seed(seed))
 
     def __iter__(self):
+        return _ahead_on_side_stream(self._batches(), self.device)
+
+    def _batches(self):
         for (buffer, lengths, targets, paths), gen in zip(self.loader, self._generators()):
             bufs = list(torch.split(buffer, lengths.tolist()))
             packed, skipped, source = decode_batch(bufs, self.device, paths, self.stats)
@@ -219,6 +246,9 @@ class InMemoryLoader(_Loader):
         self.heights, self.widths = torch.full((n,), h), torch.full((n,), w)
 
     def __iter__(self):
+        return _ahead_on_side_stream(self._batches(), self.device)
+
+    def _batches(self):
         keys, size = [], self.sampler.batch_size
         gens = self._generators()
         image_numel = self.images[0].numel()

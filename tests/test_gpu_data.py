@@ -310,6 +310,20 @@ def test_in_memory_loader(cifar, device):
         assert q.is_contiguous(memory_format=torch.channels_last) and q.device.type == device
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_batches_made_on_the_side_stream_match_the_cpu_path(cifar):
+    """On CUDA each batch is made on a side stream one ahead of the consumer: the same pixels as the CPU
+    path (Triton against the reference ops), so nothing is read before it is written or after it is reused."""
+    make = lambda dev: GD.make_gpu_train_loader(cifar, _sampler(cifar, 8, seed=5), 0, dev, "small", 32,  # noqa: E731
+                                                D.CIFAR10_MEAN, D.CIFAR10_STD, seed=5)
+    cpu, cuda = _batches(make("cpu"), 2), _batches(make("cuda"), 2)
+    assert len(cpu) == len(cuda) == 5
+    for a, b in zip(cpu, cuda):
+        torch.testing.assert_close(b[0].cpu(), a[0], atol=1e-4, rtol=0)
+        torch.testing.assert_close(b[1].cpu(), a[1], atol=1e-4, rtol=0)
+
+
 def test_gray_in_memory_set_repeats_channels(tmp_path):
     from torchvision import datasets
     from test_data import write_mnist_like
