@@ -77,9 +77,10 @@ def test_stop_and_resume_is_exact(tmp_path, gpu_aug):
     assert all(torch.equal(a[key], b[key]) for key in a)
 
 
-def test_two_processes_under_torchrun(tmp_path):
-    data, out = make_folder(tmp_path / "data"), tmp_path / "run"
-    result = pretrain(str(data), *FAST, "--max-steps", "3", "--output-dir", str(out), nproc=2)
+@pytest.mark.parametrize("gpu_aug", ["false", "true"], ids=["cpu-workers", "gpu-aug-on-cpu"])
+def test_two_processes_under_torchrun(tmp_path, gpu_aug):
+    data, out = make_folder(tmp_path / "data", ext="jpg"), tmp_path / "run"
+    result = pretrain(str(data), *FAST, "--gpu-aug", gpu_aug, "--max-steps", "3", "--output-dir", str(out), nproc=2)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     assert "2 process(es)" in result.stdout
     assert [r["step"] for r in train_rows(out)] == [1, 2, 3]
