@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On a GPU machine: build the extension with its CUDA kernels, run the GPU-marked tests, then the step,
 # data and op benchmarks, in that order (the most wanted figures first), each under its own timeout so
-# that the whole fits one call of about 8 minutes; the benchmarks save their JSON after each case, so a
+# that the whole fits one 10-minute call (at most 580 s of limits); the benchmarks save their JSON after each case, so a
 # part cut short still leaves its figures. Leaves log.txt, build.txt, tests.xml, bench_step.json,
 # bench_data.json and bench_ops.json under $OUT (./gpu_check_out when $OUT is unset).
 #     bash scripts/gpu_check.sh
@@ -32,13 +32,13 @@ step "machine"
 if want build; then
   step "build"
   rm -f moco_fast/_C*.so
-  timeout 200 python setup.py build_ext --inplace >"$OUT/build.txt" 2>&1 || { tail -n 40 "$OUT/build.txt" | tee -a "$LOG"; status=1; }
+  timeout 180 python setup.py build_ext --inplace >"$OUT/build.txt" 2>&1 || { tail -n 40 "$OUT/build.txt" | tee -a "$LOG"; status=1; }
   tail -n 3 "$OUT/build.txt" | tee -a "$LOG"
 fi
 
 if want tests; then
   step "GPU tests"
-  run_part 120 python -m pytest -q -m gpu tests --junitxml="$OUT/tests.xml" -p no:cacheprovider
+  run_part 100 python -m pytest -q -m gpu tests --junitxml="$OUT/tests.xml" -p no:cacheprovider
 fi
 
 if want step; then
@@ -49,12 +49,12 @@ fi
 
 if want data; then
   step "data benchmarks (issue: the GPU data path)"
-  run_part 110 python scripts/bench_data.py --end-to-end --json "$OUT/bench_data.json"
+  run_part 90 python scripts/bench_data.py --end-to-end --json "$OUT/bench_data.json"
 fi
 
 if want ops; then
   step "op benchmarks"
-  run_part 90 python scripts/bench_ops.py --json "$OUT/bench_ops.json"
+  run_part 60 python scripts/bench_ops.py --json "$OUT/bench_ops.json"
 fi
 
 step "done, status $status"
