@@ -54,11 +54,12 @@ def check_capturable(model, device: torch.device) -> None:
         raise GraphCaptureError(f"--cuda-graph needs a CUDA device; this run is on {device.type} "
                                 "(drop --cuda-graph, or run on a GPU)")
     from moco_fast.ops import resolve
-    for op in ("momentum_update", "enqueue", "infonce"):
-        name = resolve(op, getattr(model, "backend", "auto"), "cuda")
-        if name == "reference":
+    # the reference infonce is plain tensor work and can be captured; these two read a value on the host
+    host_reads = {"enqueue": "the queue pointer", "momentum_update": "the momentum tensor"}
+    for op, what in host_reads.items():
+        if resolve(op, model.backend, "cuda") == "reference":
             raise GraphCaptureError(
-                f"--cuda-graph: the '{name}' backend of {op} reads the queue pointer on the host (a sync that "
+                f"--cuda-graph: the 'reference' backend of {op} reads {what} on the host (a sync that "
                 "cannot be captured); use --backend auto, cuda or triton, or drop --cuda-graph")
 
 
