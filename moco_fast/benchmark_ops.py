@@ -14,6 +14,7 @@ import torch.nn.functional as F
 import torchvision
 
 from moco_fast import ops
+from moco_fast.gpu_augment import sample_params
 from moco_fast.benchmark import (copy_bandwidth_gbps, matmul_tflops, median_seconds, peak_extra_mib,
                                  wall_seconds_per_call)
 from moco_fast.ops._backends import unusable_reason
@@ -161,29 +162,20 @@ def bench_enqueue(device: str, quick: bool = False, copy_gbps: float = 0.0) -> l
 
 
 # ---------------------------------------------------------------------------------------- augment
-def _augment_inputs(n: int, side: tuple[int, int], size: int, device: str):
-    """n decoded (3, 375, 500)-like uint8 images packed in one buffer, RandomResizedCrop-like boxes (area 0.2-1)."""
+def augment_inputs(n: int, side: tuple[int, int], device: str):
+    """n decoded uint8 images of one size packed in one buffer, and MoCo v2's parameters for them."""
     h, w = side
     data = torch.randint(0, 256, (n * 3 * h * w,), dtype=torch.uint8, device=device)
     offsets = torch.arange(n, dtype=torch.int64) * (3 * h * w)
     heights, widths = torch.full((n,), h), torch.full((n,), w)
-    area = torch.empty(n).uniform_(0.2, 1.0) * h * w
-    ch = area.sqrt().clamp(1, h).long()
-    cw = (area / ch).clamp(1, w).long()
-    top = (torch.rand(n) * (h - ch + 1)).long()
-    left = (torch.rand(n) * (w - cw + 1)).long()
-    boxes = torch.stack([top, left, ch, cw], 1)
-    factors = torch.stack([torch.empty(n).uniform_(0.6, 1.4) for _ in range(3)]
-                          + [torch.empty(n).uniform_(-0.1, 0.1)], 1)
-    order = torch.stack([torch.randperm(4) for _ in range(n)])
-    flags = [torch.rand(n) < p for p in (0.8, 0.2, 0.5)]
-    return (data, offsets, heights, widths, boxes), (factors, order, *flags)
+    p = sample_params("v2", heights, widths, torch.Generator().manual_seed(0))
+    return (data, offsets, heights, widths, p.boxes), (p.factors, p.order, p.jitter, p.gray, p.flip)
 
 
 def bench_augment(device: str, quick: bool = False, copy_gbps: float = 0.0) -> list[dict]:
     """crop_resize (uint8 -> fp32 224x224) then color_augment (-> bf16 channels_last), MoCo v2's recipe."""
     n, side, size = (8, (40, 50), 24) if quick else ((32 if device == "cpu" else 256), (375, 500), 224)
-    crop_args, color_args = _augment_inputs(n, side, size, device)
+    crop_args, color_args = augment_inputs(n, side, device)
     boxes = crop_args[4]
     mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
     # floor: read every crop's uint8 pixels once, write and re-read the fp32 crops, write bf16 output

@@ -10,7 +10,7 @@ import torchvision
 
 from moco_fast import ops
 from moco_fast.benchmark import sync
-from moco_fast.benchmark_ops import fast_backends
+from moco_fast.benchmark_ops import augment_inputs, fast_backends
 from moco_fast.reference import enqueue_ref_, infonce_ref, momentum_update_ref_
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -60,15 +60,11 @@ def test_bench_enqueue(benchmark, backend):
 @pytest.mark.parametrize("backend", ["reference"] + fast_backends("augment", DEVICE))
 def test_bench_augment(benchmark, backend):
     """Two 224 views' worth of pixels: crop-resize from 375x500 uint8, then colour to bf16 channels_last."""
-    from moco_fast.gpu_augment import sample_params
-    n, h, w, size = (256, 375, 500, 224) if ON_GPU else (16, 120, 160, 64)
-    data = torch.randint(0, 256, (n * 3 * h * w,), dtype=torch.uint8, device=DEVICE)
-    offsets, heights, widths = torch.arange(n) * 3 * h * w, torch.full((n,), h), torch.full((n,), w)
-    p = sample_params("v2", heights, widths, torch.Generator().manual_seed(0))
+    n, side, size = (256, (375, 500), 224) if ON_GPU else (16, (120, 160), 64)
+    crop_args, color_args = augment_inputs(n, side, DEVICE)
     mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
     def fn():
-        x = ops.crop_resize(data, offsets, heights, widths, p.boxes, size, backend=backend)
-        ops.color_augment(x, p.factors, p.order, p.jitter, p.gray, p.flip, mean, std, False,
-                          out_dtype=torch.bfloat16, backend=backend)
+        x = ops.crop_resize(*crop_args, size, backend=backend)
+        ops.color_augment(x, *color_args, mean, std, False, out_dtype=torch.bfloat16, backend=backend)
     timed(benchmark, fn)
