@@ -124,14 +124,11 @@ def sample_params(recipe: str, heights: torch.Tensor, widths: torch.Tensor,
 
 
 def gaussian_kernels(sigma: torch.Tensor, size: int = BLUR_KERNEL) -> torch.Tensor:
-    """float32 (N, size): torchvision's _get_gaussian_kernel1d per sigma; sigma 0 gives the identity."""
+    """float32 (N, size): torchvision's _get_gaussian_kernel1d per sigma (> 0)."""
     half = (size - 1) * 0.5
     x = torch.linspace(-half, half, steps=size, dtype=torch.float32, device=sigma.device)
-    safe = torch.where(sigma > 0, sigma, torch.ones(()))[:, None]
-    pdf = torch.exp(-0.5 * (x / safe).pow(2))
-    kernel = pdf / pdf.sum(dim=1, keepdim=True)
-    identity = (x == 0).to(torch.float32).expand_as(kernel)
-    return torch.where(sigma[:, None] > 0, kernel, identity)
+    pdf = torch.exp(-0.5 * (x / sigma[:, None]).pow(2))
+    return pdf / pdf.sum(dim=1, keepdim=True)
 
 
 def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
@@ -153,13 +150,8 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     y = F.conv2d(F.pad(y, (pad, pad, 0, 0), mode="reflect"), kernel[:, :, None, :], groups=n * c)
     y = F.conv2d(F.pad(y, (0, 0, pad, pad), mode="reflect"), kernel[:, :, :, None], groups=n * c)
     out = x.clone()
-    out.index_copy_(0, dev_idx, y.view(n, c, hgt, wid).to(memory_format=_format(x)))
+    out.index_copy_(0, dev_idx, y.view(n, c, hgt, wid))  # into x's memory format (clone preserves it)
     return out
-
-
-def _format(x: torch.Tensor) -> torch.memory_format:
-    return torch.channels_last if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) \
-        and not x.is_contiguous() else torch.contiguous_format
 
 
 class GpuAugment:
