@@ -17,8 +17,12 @@ import torch
 from PIL import Image
 
 from moco_fast import data as D
+from moco_fast.config import PRESETS, Config
+from moco_fast.distributed import DistInfo
 from moco_fast.gpu_augment import GpuAugment
 from moco_fast.gpu_data import InMemoryLoader, make_gpu_train_loader
+from moco_fast.step import TrainStep, fast_cuda_settings
+from moco_fast.train import EpochSampler, build_model, make_optimizer
 
 
 class Sizes(NamedTuple):
@@ -52,29 +56,19 @@ def write_photos(root: pathlib.Path, n: int, size: tuple) -> pathlib.Path:
     return root
 
 
-class _Sampler(D.EpochRandomSampler):
-    """train.EpochSampler's interface for one process over a data set of n images."""
-
-    def __init__(self, n: int, batch_size: int):
-        super().__init__(range(n))
-        self.batch_size, self.skip = batch_size, 0
-
-    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
-        self.epoch, self.skip = epoch, skip_batches * self.batch_size
-
-    def __iter__(self):
-        return ((self.epoch, i) for i in list(super().__iter__())[self.skip:])
-
-    def __len__(self):
-        return self.n - self.skip
+def _sampler(n: int, batch_size: int) -> EpochSampler:
+    """The trainer's sampler over n images, for one process."""
+    return EpochSampler(range(n), DistInfo(0, 1, 0, torch.device("cpu")), seed=0, batch_size=batch_size)
 
 
-def _time_batches(make_iter, batches: int, warmup: int, device: torch.device) -> float:
-    """Seconds for `batches` batches after `warmup` ones, re-iterating (new epochs) as needed."""
+def _time_batches(loader, batches: int, warmup: int, device: torch.device, each=lambda batch: batch) -> float:
+    """Seconds for `batches` batches of `loader` (each passed through `each`) after `warmup` ones, starting
+    new epochs (loader.sampler.set_epoch) as needed."""
     def stream():
         epoch = 0
         while True:
-            yield from make_iter(epoch)
+            loader.sampler.set_epoch(epoch)
+            yield from map(each, loader)
             epoch += 1
     it = stream()
     for _ in range(warmup):
@@ -94,38 +88,25 @@ def bench_pil(root, sz: Sizes, workers: int) -> dict:
     transform = D.TwoCropsTransform(D.moco_augmentation(True, sz.image_size))
     dataset = D.build_dataset(root, "train", transform, "imagefolder")
     loader = D.make_loader(dataset, sz.batch, workers, shuffle=True, drop_last=True, pin_memory=False)
-
-    def epoch_iter(epoch):
-        loader.sampler.set_epoch(epoch)
-        return iter(loader)
-    seconds = _time_batches(epoch_iter, sz.batches, 1, torch.device("cpu"))
+    seconds = _time_batches(loader, sz.batches, 1, torch.device("cpu"))
     return {"pipeline": "PIL workers (v2)", "img_per_s": sz.batch * sz.batches / seconds, "workers": workers}
 
 
 def bench_gpu_folder(root, sz: Sizes, workers: int, device: torch.device, dtype: torch.dtype) -> dict:
     dataset = D.build_dataset(root, "train", None, "imagefolder")
-    sampler = _Sampler(len(dataset), sz.batch)
-    loader = make_gpu_train_loader(dataset, sampler, workers, device, "v2", sz.image_size, D.IMAGENET_MEAN,
-                                   D.IMAGENET_STD, dtype, channels_last=True)
-
-    def epoch_iter(epoch):
-        sampler.set_epoch(epoch)
-        return iter(loader)
-    seconds = _time_batches(epoch_iter, sz.batches, 2, device)
+    loader = make_gpu_train_loader(dataset, _sampler(len(dataset), sz.batch), workers, device, "v2", sz.image_size,
+                                   D.IMAGENET_MEAN, D.IMAGENET_STD, dtype, channels_last=True)
+    seconds = _time_batches(loader, sz.batches, 2, device)
     return {"pipeline": "gpu path folder (v2)", "img_per_s": sz.batch * sz.batches / seconds, "workers": workers,
             "cpu_decodes": loader.cpu_decodes}
 
 
 def bench_gpu_small(sz: Sizes, device: torch.device, dtype: torch.dtype) -> dict:
     images = torch.randint(0, 256, (sz.small_n, 3, 32, 32), dtype=torch.uint8)
-    sampler = _Sampler(sz.small_n, sz.small_batch)
     augment = GpuAugment("small", 32, D.CIFAR10_MEAN, D.CIFAR10_STD, dtype, channels_last=True)
-    loader = InMemoryLoader(images, torch.zeros(sz.small_n, dtype=torch.int64), sampler, augment, device, 0, 0)
-
-    def epoch_iter(epoch):
-        sampler.set_epoch(epoch)
-        return iter(loader)
-    seconds = _time_batches(epoch_iter, sz.small_batches, 2, device)
+    loader = InMemoryLoader(images, torch.zeros(sz.small_n, dtype=torch.int64), _sampler(sz.small_n, sz.small_batch),
+                            augment, device, 0, 0)
+    seconds = _time_batches(loader, sz.small_batches, 2, device)
     return {"pipeline": "gpu path in-memory (small)", "img_per_s": sz.small_batch * sz.small_batches / seconds,
             "workers": 0}
 
@@ -133,9 +114,6 @@ def bench_gpu_small(sz: Sizes, device: torch.device, dtype: torch.dtype) -> dict
 def bench_end_to_end(root, sz: Sizes, workers: int, device: torch.device, cuda_graph: bool) -> list[dict]:
     """MoCo v2 training steps fed from the JPEG folder, the trainer's hot loop (loader, copy, TrainStep)
     without its logging and checkpoints: the GPU data path, then the PIL workers, through one compiled step."""
-    from moco_fast.config import PRESETS, Config
-    from moco_fast.step import TrainStep, fast_cuda_settings
-    from moco_fast.train import build_model, make_optimizer
     cfg = Config(**{**PRESETS["moco_v2"], "arch": sz.arch, "batch_size": sz.batch, "compile": device.type == "cuda"})
     bf16 = device.type == "cuda"
     dtype = torch.bfloat16 if bf16 else torch.float32
@@ -144,19 +122,19 @@ def bench_end_to_end(root, sz: Sizes, workers: int, device: torch.device, cuda_g
     model = build_model(cfg, device)
     opt = make_optimizer(cfg, model, device)
     step = TrainStep(torch.compile(model) if cfg.compile else model, opt, device, bf16, cuda_graph=cuda_graph)
-    gpu = make_gpu_train_loader(D.build_dataset(root, "train", None, "imagefolder"), _Sampler(sz.files, sz.batch),
+    gpu = make_gpu_train_loader(D.build_dataset(root, "train", None, "imagefolder"), _sampler(sz.files, sz.batch),
                                 workers, device, "v2", sz.image_size, D.IMAGENET_MEAN, D.IMAGENET_STD, dtype)
     pil = D.make_loader(D.build_dataset(root, "train", D.TwoCropsTransform(D.moco_augmentation(True, sz.image_size)),
                                         "imagefolder"), sz.batch, workers, shuffle=True, drop_last=True)
+
+    def train(batch):
+        (im_q, im_k), _, _ = batch
+        im_q = im_q.to(device, dtype, non_blocking=True, memory_format=torch.channels_last)
+        im_k = im_k.to(device, dtype, non_blocking=True, memory_format=torch.channels_last)
+        return step(im_q, im_k)
     rows = []
     for name, loader, warmup, steps in [("gpu path", gpu, 5, sz.steps), ("PIL workers", pil, 1, max(2, sz.steps // 2))]:
-        def train_iter(epoch, loader=loader):
-            loader.sampler.set_epoch(epoch)
-            for (im_q, im_k), _, _ in loader:
-                im_q = im_q.to(device, dtype, non_blocking=True, memory_format=torch.channels_last)
-                im_k = im_k.to(device, dtype, non_blocking=True, memory_format=torch.channels_last)
-                yield step(im_q, im_k)
-        seconds = _time_batches(train_iter, steps, warmup, device)
+        seconds = _time_batches(loader, steps, warmup, device, each=train)
         rows.append({"pipeline": f"train {sz.arch} v2 from JPEGs, {name}" + (" + CUDA graph" if cuda_graph else ""),
                      "img_per_s": sz.batch * steps / seconds, "workers": workers})
     return rows
