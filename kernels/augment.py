@@ -127,6 +127,16 @@ def _gray(r, g, b):
 
 
 @triton.jit
+def _grayscale_if(r, g, b, on):
+    """RandomGrayscale: 3 equal channels of the gray when `on` (uniform per program: a branch)."""
+    if on:
+        r = _gray(r, g, b)
+        g = r
+        b = r
+    return r, g, b
+
+
+@triton.jit
 def _hue(r, g, b, shift):
     """torchvision's _rgb2hsv, h <- (h + shift) floor-mod 1, _hsv2rgb, lane by lane."""
     maxc = tl.maximum(r, tl.maximum(g, b))
@@ -168,10 +178,7 @@ def _chain(r, g, b, n, factors_ptr, order_ptr, jitter_ptr, gray_ptr, mean,
     STOP_AT_CONTRAST, only the jitter ops before contrast (the image whose mean contrast needs)."""
     to_gray = tl.load(gray_ptr + n) != 0
     if GRAY_FIRST:
-        if to_gray:
-            r = _gray(r, g, b)
-            g = r
-            b = r
+        r, g, b = _grayscale_if(r, g, b, to_gray)
     active = tl.load(jitter_ptr + n) != 0
     for pos in tl.static_range(4):
         op = tl.load(order_ptr + 4 * n + pos)
@@ -189,10 +196,7 @@ def _chain(r, g, b, n, factors_ptr, order_ptr, jitter_ptr, gray_ptr, mean,
                 other = tl.where(op == 1, mean, _gray(r, g, b))     # contrast: the mean; saturation: gray
                 r, g, b = _blend(r, other, f), _blend(g, other, f), _blend(b, other, f)
     if not GRAY_FIRST and not STOP_AT_CONTRAST:   # grayscale after jitter comes after contrast too
-        if to_gray:
-            r = _gray(r, g, b)
-            g = r
-            b = r
+        r, g, b = _grayscale_if(r, g, b, to_gray)
     return r, g, b
 
 

@@ -129,8 +129,7 @@ def color_augment_impl(x, factors, order, jitter, gray, flip, mean, std, gray_fi
     launcher = augment_kernel("color_augment", backend)
     if launcher is None:
         out = reference.color_augment_ref(x, factors, order, jitter, gray, flip, mean, std, gray_first)
-        fmt = torch.channels_last if channels_last else torch.contiguous_format
-        return out.to(dtype=out_dtype, memory_format=fmt)  # copies: never an alias of x
+        return _new_image(x, out_dtype, channels_last).copy_(out)  # never an alias of x
     out = _new_image(x, out_dtype, channels_last)
     launcher(x.float().contiguous(), factors.float().contiguous(), order.contiguous(), jitter, gray, flip,
              mean, std, gray_first, out)
