@@ -116,8 +116,9 @@ def crop_resize(data, offsets, heights, widths, boxes, size: int, max_taps_y: in
     if n == 0:
         return out
     grid = (n, triton.cdiv(size * size, _PIXELS))
-    _crop_resize_kernel[grid](data, offsets, heights, widths, boxes, out, size, max_taps_y, max_taps_x,
-                              PIXELS=_PIXELS, num_warps=4)
+    with torch.cuda.device(data.device if data.is_cuda else -1):  # launch on the tensors' GPU
+        _crop_resize_kernel[grid](data, offsets, heights, widths, boxes, out, size, max_taps_y, max_taps_x,
+                                  PIXELS=_PIXELS, num_warps=4)
     return out
 
 
@@ -255,12 +256,13 @@ def color_augment(x, factors, order, jitter, gray, flip, mean, std, gray_first: 
         return
     tiles = triton.cdiv(H * W, _TILE)
     partial = torch.empty((N, tiles), dtype=torch.float32, device=x.device)
-    _contrast_sum_kernel[(N, tiles)](x, factors, order, jitter, gray, partial, H * W,
-                                     GRAY_FIRST=gray_first, TILE=_TILE, num_warps=4)
-    means = partial.sum(1) / (H * W)   # fixed reduction order: deterministic
-    _color_augment_kernel[(N, tiles)](x, factors, order, jitter, gray, flip, means, out, H, W, *out.stride(),
-                                      *(float(v) for v in mean), *(float(v) for v in std),
-                                      GRAY_FIRST=gray_first, TILE=_TILE, num_warps=4)
+    with torch.cuda.device(x.device if x.is_cuda else -1):  # launch on the tensors' GPU
+        _contrast_sum_kernel[(N, tiles)](x, factors, order, jitter, gray, partial, H * W,
+                                         GRAY_FIRST=gray_first, TILE=_TILE, num_warps=4)
+        means = partial.sum(1) / (H * W)   # fixed reduction order: deterministic
+        _color_augment_kernel[(N, tiles)](x, factors, order, jitter, gray, flip, means, out, H, W, *out.stride(),
+                                          *(float(v) for v in mean), *(float(v) for v in std),
+                                          GRAY_FIRST=gray_first, TILE=_TILE, num_warps=4)
 
 
 def _check_device(t: torch.Tensor, op: str) -> None:

@@ -58,10 +58,11 @@ def enqueue_(queue: torch.Tensor, ptr: torch.Tensor, keys: torch.Tensor) -> None
     K, C = queue.shape
     B = keys.shape[0]
     n_rows = min(B, K)  # keys that survive: when B > K the first B - K are overwritten anyway
-    if n_rows > 0 and C > 0:
-        block_c = min(1024, triton.next_power_of_2(C))
-        rows = max(1, min(16, 4096 // block_c))  # ~4K elements per program
-        grid = (triton.cdiv(n_rows, rows), triton.cdiv(C, block_c))
-        _enqueue_rows_kernel[grid](queue, ptr, keys, K, C, n_rows, B - n_rows, keys.stride(0), keys.stride(1),
-                                   ROWS=rows, BLOCK_C=block_c, num_warps=4)
-    _enqueue_advance_kernel[(1,)](ptr, K, B, num_warps=1)
+    with torch.cuda.device(queue.device if queue.is_cuda else -1):  # launch on the tensors' GPU
+        if n_rows > 0 and C > 0:
+            block_c = min(1024, triton.next_power_of_2(C))
+            rows = max(1, min(16, 4096 // block_c))  # ~4K elements per program
+            grid = (triton.cdiv(n_rows, rows), triton.cdiv(C, block_c))
+            _enqueue_rows_kernel[grid](queue, ptr, keys, K, C, n_rows, B - n_rows, keys.stride(0), keys.stride(1),
+                                       ROWS=rows, BLOCK_C=block_c, num_warps=4)
+        _enqueue_advance_kernel[(1,)](ptr, K, B, num_warps=1)

@@ -192,7 +192,7 @@ def _config(N: int, C: int, K: int, queue: torch.Tensor, allow_tf32: bool) -> di
     if queue.device.type != "cuda":
         # interpreter: few, fat programs (each Triton op costs a numpy call per program)
         block_n = min(32, max(16, triton.next_power_of_2(N)))
-        block_k = 64
+        block_k = 64 if K <= 8192 else 1024  # the training-size tests in seconds, not minutes
         splits = min(triton.cdiv(K, block_k), 3)
         # BLOCK_S=2 < splits, so the chunked merge loop and its masks run here too
         return dict(BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_C=block_c, splits=splits, warps={}, comb_c=32, comb_s=2)
@@ -267,15 +267,16 @@ def infonce_fwd(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, inv_tempe
     scale2 = float(inv_temperature) * _LOG2E
     p_scale = 16384.0 if queue.dtype == torch.float16 else 1.0
     rb = triton.cdiv(N, cfg["BLOCK_N"])
-    _infonce_partial_kernel[(rb, splits)](
-        q, k, queue, ws_acc, ws_m, ws_l, ws_above, pos, N, C, K, q.stride(0), k.stride(0), scale2, p_scale,
-        QUEUE_FP32=queue_fp32, SPLIT_Q=(not queue_fp32 and not allow_tf32 and q.dtype != queue.dtype),
-        SPLIT_P=(not queue_fp32 and not allow_tf32), PRECISION="tf32" if allow_tf32 else "ieee",
-        BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], BLOCK_C=cfg["BLOCK_C"], **cfg["warps"])
-    comb_n, comb_c, comb_s = 16, min(cfg["comb_c"], max(16, triton.next_power_of_2(C))), cfg["comb_s"]
-    _infonce_combine_kernel[(triton.cdiv(N, comb_n), triton.cdiv(C, comb_c))](
-        k, ws_acc, ws_m, ws_l, ws_above, pos, grad_q, loss_rows, above_rows, N, C, k.stride(0), splits,
-        scale2, float(inv_temperature), float(inv_temperature) / N, p_scale,
-        BLOCK_N=comb_n, BLOCK_C=comb_c, BLOCK_S=comb_s)
-    _infonce_finish_kernel[(1,)](loss_rows, above_rows, loss, stats, N, BLOCK=1024 if dev.type == "cuda" else 128)
+    with torch.cuda.device(q.device if q.is_cuda else -1):  # launch on the tensors' GPU
+        _infonce_partial_kernel[(rb, splits)](
+            q, k, queue, ws_acc, ws_m, ws_l, ws_above, pos, N, C, K, q.stride(0), k.stride(0), scale2, p_scale,
+            QUEUE_FP32=queue_fp32, SPLIT_Q=(not queue_fp32 and not allow_tf32 and q.dtype != queue.dtype),
+            SPLIT_P=(not queue_fp32 and not allow_tf32), PRECISION="tf32" if allow_tf32 else "ieee",
+            BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], BLOCK_C=cfg["BLOCK_C"], **cfg["warps"])
+        comb_n, comb_c, comb_s = 16, min(cfg["comb_c"], max(16, triton.next_power_of_2(C))), cfg["comb_s"]
+        _infonce_combine_kernel[(triton.cdiv(N, comb_n), triton.cdiv(C, comb_c))](
+            k, ws_acc, ws_m, ws_l, ws_above, pos, grad_q, loss_rows, above_rows, N, C, k.stride(0), splits,
+            scale2, float(inv_temperature), float(inv_temperature) / N, p_scale,
+            BLOCK_N=comb_n, BLOCK_C=comb_c, BLOCK_S=comb_s)
+        _infonce_finish_kernel[(1,)](loss_rows, above_rows, loss, stats, N, BLOCK=1024 if dev.type == "cuda" else 128)
     return loss, grad_q, stats

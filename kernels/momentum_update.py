@@ -23,6 +23,7 @@ _BLOCK = 4096  # elements per program: at 8 warps, 16 elements (4 x 16 B loads) 
 _CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _CACHE_SIZE = 8
 _TABLES: "OrderedDict[tuple, tuple]" = OrderedDict()
+_PINNED: dict = {}  # tables a captured CUDA graph points to: never freed
 
 
 @triton.jit
@@ -96,13 +97,22 @@ def _check(params_k: List[torch.Tensor], params_q: List[torch.Tensor], m_tensor:
 
 
 def _table(params_k: List[torch.Tensor], params_q: List[torch.Tensor]):
-    """(device table, number of blocks), cached by addresses, dtypes and sizes (LRU of 8)."""
+    """(device table, number of blocks), cached by addresses, dtypes and sizes (LRU of 8). A table used
+    while a CUDA graph is captured is pinned for the life of the process: the graph keeps its address and
+    replays read it, so evicting it would let a replay read freed memory and write anywhere."""
     key = (params_k[0].device,) + tuple((pk.data_ptr(), pq.data_ptr(), pk.dtype, pk.numel())
                                          for pk, pq in zip(params_k, params_q))
-    hit = _TABLES.get(key)
+    capturing = params_k[0].is_cuda and torch.cuda.is_current_stream_capturing()
+    hit = _PINNED.get(key) or _TABLES.get(key)
     if hit is not None:
-        _TABLES.move_to_end(key)
+        if key in _TABLES:
+            _TABLES.move_to_end(key)
+            if capturing:
+                _PINNED[key] = _TABLES.pop(key)
         return hit
+    if capturing:  # building it would copy from the host inside the capture
+        raise RuntimeError("momentum_update_ (triton): these tensors have no device table yet; call the op "
+                           "once before capturing a CUDA graph (a warm-up step builds it)")
     counts = torch.tensor([triton.cdiv(pk.numel(), _BLOCK) for pk in params_k], dtype=torch.int64)
     first = torch.cumsum(counts, 0) - counts
     rec = torch.tensor([[pk.data_ptr(), pq.data_ptr(), pk.numel(), 0, _CODES[pk.dtype]]
@@ -128,6 +138,7 @@ def momentum_update_(params_k: List[torch.Tensor], params_q: List[torch.Tensor],
     if n_blocks == 0:
         return
     m = float(m)
-    _momentum_update_kernel[(n_blocks,)](
-        table, len(params_k), m_tensor if m_tensor is not None else table, m, 1.0 - m,
-        HAS_M_TENSOR=m_tensor is not None, BLOCK=_BLOCK, num_warps=8, enable_fp_fusion=False)
+    with torch.cuda.device(table.device if table.is_cuda else -1):  # launch on the tensors' GPU
+        _momentum_update_kernel[(n_blocks,)](
+            table, len(params_k), m_tensor if m_tensor is not None else table, m, 1.0 - m,
+            HAS_M_TENSOR=m_tensor is not None, BLOCK=_BLOCK, num_warps=8, enable_fp_fusion=False)

@@ -17,14 +17,16 @@ and has .epoch, .batch_size, .skip and set_epoch(epoch, skip_batches) (train.Epo
 batch's augmentation is drawn from a generator seeded by (seed, epoch, rank, batch index in the epoch),
 so a run resumed mid-epoch sees the same augmentations as an uninterrupted one.
 
-Decoding: files whose bytes start as a 3-component JPEG go to one batched decode_jpeg on the device;
-everything else (PNG, grayscale or CMYK JPEG) and any JPEG the batched decode rejects is decoded by PIL
-on the host (.convert("RGB")) and counted in cpu_decodes. A file PIL cannot read either is replaced by
+Decoding: files whose bytes start as a 3-component JPEG and end with its end-of-image marker go to one
+batched decode_jpeg on the device; everything else (PNG, grayscale or CMYK JPEG, a truncated JPEG) and
+any JPEG the batched decode rejects is decoded by PIL on the host (.convert("RGB")) and counted in
+cpu_decodes. So a truncated JPEG is unreadable on every device (PIL rejects it), never half-decoded. A file PIL cannot read either is replaced by
 the next readable image of the batch (its target too) and named in the batch's skipped paths, as
 data.MocoDataset does; a batch with no readable image raises data.DataError.
 """
 from __future__ import annotations
 
+import collections
 import io
 from typing import Sequence
 
@@ -37,7 +39,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from moco_fast.data import _LOAD_ERRORS, DataError, MocoDataset
 from moco_fast.gpu_augment import GpuAugment, Packed
 
-__all__ = ["decode_batch", "DecodeStats", "make_gpu_train_loader", "batch_generator"]
+__all__ = ["decode_batch", "DecodeStats", "KeptUntilDone", "make_gpu_train_loader", "batch_generator"]
 
 
 # ------------------------------------------------------------------------------------------ decoding
@@ -46,6 +48,37 @@ class DecodeStats:
 
     def __init__(self):
         self.device_decodes = self.cpu_decodes = self.unreadable = 0
+
+
+class KeptUntilDone:
+    """Device tensors kept alive until the work queued after their last use has run.
+
+    decode_jpeg(device="cuda") takes its outputs from the caching allocator's pool of the current stream
+    and writes them on nvjpeg's own stream. Once a decoded image (or the packed buffer copied from it)
+    dies on the host, the allocator may hand its memory to the next batch's decode while the copy or the
+    augmentation that reads it is still queued: nvjpeg would overwrite pixels not yet read. So each batch's
+    buffers are held here with an event recorded after their last use, and let go once it has completed.
+    """
+
+    def __init__(self):
+        self._held: collections.deque = collections.deque()
+
+    def keep(self, tensors) -> None:
+        tensors = [t for t in tensors if t is not None and t.is_cuda]
+        if tensors:
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(tensors[0].device))
+            self._held.append((event, tensors))
+
+    def release_done(self) -> None:
+        while self._held and self._held[0][0].query():  # one stream: events complete in order
+            self._held.popleft()
+
+    def __len__(self) -> int:
+        return len(self._held)
+
+
+_KEPT = KeptUntilDone()  # for decode_batch called on its own
 
 
 def _jpeg_components(buf: torch.Tensor) -> int:
@@ -96,17 +129,25 @@ def _device_decode(bufs: list[torch.Tensor], device: torch.device) -> list[torch
 
 
 def decode_batch(byte_tensors: Sequence[torch.Tensor], device: torch.device | str, paths: Sequence[str],
-                 stats: DecodeStats | None = None) -> tuple[Packed, list[str], torch.Tensor]:
+                 stats: DecodeStats | None = None, kept: KeptUntilDone | None = None
+                 ) -> tuple[Packed, list[str], torch.Tensor]:
     """Decode one batch of encoded images (1-D uint8 host tensors) onto `device`.
 
     Returns (packed, skipped, source): the images as one Packed buffer on the device (sizes on the
     host); the paths of unreadable files; source, int64 (N,), the input index whose image fills each
-    slot (i itself unless i was unreadable) so that the caller can replace targets alike.
+    slot (i itself unless i was unreadable) so that the caller can replace targets alike. On CUDA the
+    decoded images are held in `kept` (a module-wide one by default) until the packing copy has run;
+    the caller holds packed.data there too until its last reader is queued.
     """
     device = torch.device(device)
     stats = stats if stats is not None else DecodeStats()
+    kept = kept if kept is not None else _KEPT
+    kept.release_done()
     images: list[torch.Tensor | None] = [None] * len(byte_tensors)
-    on_device = [i for i, b in enumerate(byte_tensors) if _jpeg_components(b) == 3]
+    # A file without the end-of-image marker is truncated: nvjpeg may decode it anyway (the missing rows
+    # filled in), libjpeg and PIL reject it. Sending it to PIL gives one contract on every device:
+    # a truncated JPEG is unreadable, skipped and replaced like any unreadable file.
+    on_device = [i for i, b in enumerate(byte_tensors) if _jpeg_components(b) == 3 and _has_end_marker(b)]
     for i, img in zip(on_device, _device_decode([byte_tensors[i] for i in on_device], device)):
         images[i] = img
     stats.device_decodes += sum(images[i] is not None for i in on_device)
@@ -126,7 +167,15 @@ def decode_batch(byte_tensors: Sequence[torch.Tensor], device: torch.device | st
             source[i] = next((j for j in readable if j > i), readable[0])
             skipped.append(paths[i])
     stats.unreadable += len(skipped)
-    return _pack(images, readable, source), skipped, source
+    packed = _pack(images, readable, source)
+    kept.keep(images)  # until the copy into packed.data, queued just now, has run
+    return packed, skipped, source
+
+
+def _has_end_marker(buf: torch.Tensor) -> bool:
+    """Whether a JPEG's last bytes hold its EOI marker (FF D9), allowing for a little trailing padding."""
+    tail = bytes(buf[-32:].tolist())
+    return b"\xff\xd9" in tail
 
 
 def _pack(images: list, readable: list[int], source: torch.Tensor) -> Packed:
@@ -229,10 +278,13 @@ class FolderLoader(_Loader):
         return _ahead_on_side_stream(self._batches(), self.device)
 
     def _batches(self):
+        kept = KeptUntilDone()
         for (buffer, lengths, targets, paths), gen in zip(self.loader, self._generators()):
             bufs = list(torch.split(buffer, lengths.tolist()))
-            packed, skipped, source = decode_batch(bufs, self.device, paths, self.stats)
-            yield self.augment.two_views(packed, gen), targets[source], skipped
+            packed, skipped, source = decode_batch(bufs, self.device, paths, self.stats, kept)
+            views = self.augment.two_views(packed, gen)
+            kept.keep([packed.data])  # its last readers, the augmentation kernels, are queued now
+            yield views, targets[source], skipped
 
 
 class InMemoryLoader(_Loader):

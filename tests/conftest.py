@@ -42,3 +42,22 @@ def fast_backends(op: str):
 def poison_allocator(device: str, nbytes: int = 64 << 20) -> None:
     """Leave NaN in memory the allocator hands out next, so a kernel that skips a write is caught."""
     torch.full((nbytes // 4,), float("nan"), device=device)
+
+
+def unresolved_fixtures(item) -> list[str]:
+    """Fixture names a test asks for that neither a fixture nor its parametrisation provides."""
+    info = getattr(item, "_fixtureinfo", None)
+    if info is None:  # not a Python test function
+        return []
+    params = set(getattr(getattr(item, "callspec", None), "params", {}))
+    return [name for name in info.names_closure
+            if name not in info.name2fixturedefs and name not in params and name != "request"]
+
+
+def pytest_collection_modifyitems(config, items):
+    # A test skipped here (the gpu-marked ones on a CPU machine) would otherwise hide a fixture that does
+    # not exist until the first GPU run errors at setup: fail the collection on every machine instead.
+    broken = [f"{item.nodeid} asks for {', '.join(names)}" for item in items
+              if (names := unresolved_fixtures(item))]
+    if broken:
+        raise pytest.UsageError("tests ask for fixtures that do not exist:\n  " + "\n  ".join(broken))

@@ -1,4 +1,5 @@
 """Without the compiled extension the package still imports and the reference backend runs."""
+import os
 import pathlib
 import shutil
 import subprocess
@@ -46,3 +47,19 @@ def test_extension_is_built_here():
 def test_cuda_extension_is_built_on_gpu_machines():
     ext, err = _backends.extension()
     assert ext is not None and ext.with_cuda, err
+
+
+def test_a_skipped_test_asking_for_a_missing_fixture_fails_the_collection(tmp_path):
+    """tests/conftest.py checks every collected test's fixtures, so a gpu-marked test (skipped here) that asks
+    for a fixture nobody defines fails CI on the CPU instead of erroring at setup on the first GPU run."""
+    shutil.copy(ROOT / "tests" / "conftest.py", tmp_path / "conftest.py")
+    (tmp_path / "test_x.py").write_text(
+        "import pytest\n\n"
+        "@pytest.mark.gpu\n@pytest.mark.skip(reason='no GPU here')\ndef test_missing(mark):\n    pass\n\n"
+        "@pytest.mark.parametrize('a', [1])\ndef test_fine(a, tmp_path, request):\n    pass\n")
+    broken = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_x.py"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert broken.returncode != 0
+    assert "test_x.py::test_missing asks for mark" in broken.stdout + broken.stderr
+    assert "test_fine asks" not in broken.stdout + broken.stderr

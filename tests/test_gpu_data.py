@@ -208,6 +208,8 @@ DEVICES = [pytest.param("cpu", id="cpu"),
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_decode_fallbacks(device):
+    """The contract on every device: PNG and CMYK go to PIL; a truncated JPEG (no end-of-image marker, which
+    nvjpeg might decode anyway) and junk are unreadable: skipped, replaced by the next readable image, counted."""
     rng = np.random.default_rng(0)
     rgb = Image.fromarray(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8))
     smooth = Image.fromarray(np.repeat(np.linspace(0, 255, 50, dtype=np.uint8)[None, :, None], 20, 0).repeat(3, 2))
@@ -232,6 +234,21 @@ def test_decode_fallbacks(device):
     assert torch.equal(image(3), image(0))
     with pytest.raises(D.DataError, match="no readable image"):
         GD.decode_batch([junk], "cpu", ["e.jpg"])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_jpeg_with_bytes_after_its_end_marker_is_decoded(device):
+    """Bytes after the end marker (some cameras and tools write them) only send the file to PIL."""
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 256, (24, 36, 3), dtype=np.uint8))
+    jpeg = _encode(img, "JPEG", quality=95)
+    padded = torch.cat([jpeg, torch.zeros(100, dtype=torch.uint8)])
+    stats = GD.DecodeStats()
+    packed, skipped, _ = GD.decode_batch([jpeg, padded], device, ["a.jpg", "b.jpg"], stats)
+    assert skipped == [] and (stats.device_decodes, stats.cpu_decodes, stats.unreadable) == (1, 1, 0)
+    assert packed.heights.tolist() == [24, 24] and packed.widths.tolist() == [36, 36]
+    n = 3 * 24 * 36
+    assert (packed.data[n:2 * n].float() - packed.data[:n].float()).abs().mean().item() < 2
 
 
 # ------------------------------------------------------------------------------------------------
@@ -322,6 +339,33 @@ def test_cuda_batches_made_on_the_side_stream_match_the_cpu_path(cifar):
     for a, b in zip(cpu, cuda):
         torch.testing.assert_close(b[0].cpu(), a[0], atol=1e-4, rtol=0)
         torch.testing.assert_close(b[1].cpu(), a[1], atol=1e-4, rtol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_overlapped_jpeg_loader_keeps_its_pixels_while_the_main_stream_is_busy(tmp_path):
+    """nvjpeg writes on its own stream into memory the allocator hands out: a batch's decoded images must stay
+    allocated until the side-stream work that reads them has run (gpu_data.KeptUntilDone). With the main
+    stream held up by a long kernel before each batch is read, the pixels equal the synchronised path's."""
+    dataset = D.build_dataset(_jpeg_folder(tmp_path, n=96), "train", None)
+    make = lambda: GD.make_gpu_train_loader(dataset, _sampler(dataset, 8, seed=2), 0, "cuda", "v2", 32,  # noqa: E731
+                                            D.IMAGENET_MEAN, D.IMAGENET_STD, seed=2)
+    calm = make()
+    calm.sampler.set_epoch(0)
+    expected = []
+    for (q, k), _, _ in calm:
+        torch.cuda.synchronize()
+        expected.append((q.cpu(), k.cpu()))
+    busy = make()
+    busy.sampler.set_epoch(0)
+    got = []
+    for (q, k), _, _ in busy:
+        torch.cuda._sleep(20_000_000)  # ~10 ms of spinning on the main stream before it reads the batch
+        got.append((q.clone(), k.clone()))
+    torch.cuda.synchronize()
+    assert len(got) == len(expected) >= 10
+    for (eq, ek), (gq, gk) in zip(expected, got):
+        assert torch.equal(gq.cpu(), eq) and torch.equal(gk.cpu(), ek)
 
 
 def test_gray_in_memory_set_repeats_channels(tmp_path):

@@ -76,8 +76,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> infonce_fwd_cpu(const at::Tensor&
     }
   });
 
-  // Merge in a fixed order, starting from the positive key (logit pos, weight 1).
-  at::Tensor max = pos.clone(), sum = at::ones({N}, qs.options()), acc = ka.clone();
+  // Merge the negatives in a fixed order (every range is non-empty, so max is finite after the first).
+  at::Tensor max = at::full({N}, -std::numeric_limits<double>::infinity(), qs.options());
+  at::Tensor sum = at::zeros({N}, qs.options()), acc = at::zeros({N, qs.size(1)}, qs.options());
   at::Tensor above = at::zeros({N}, qs.options().dtype(at::kLong));
   for (const Partial& p : parts) {
     at::Tensor new_max = at::maximum(max, p.max);
@@ -87,9 +88,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> infonce_fwd_cpu(const at::Tensor&
     above.add_(p.above);
     max = new_max;
   }
-  at::Tensor loss = ((max - pos) + sum.log()).mean();  // this order keeps precision when the positive dominates
-  // dL/dq_i = (sum_j p_ij key_j - k_i) / (T N), the positive key included in the sum
-  at::Tensor grad_q = (acc / sum.unsqueeze(1) - ka).mul_(inv_temperature / static_cast<double>(N));
+  // Then the positive (logit pos, weight 1, key k). dL/dq_i = (sum_j p_ij queue_j - (1 - p_i0) k_i) / (T N)
+  // with 1 - p_i0 written as l_neg / l_tot: never a difference of p_i0 and 1, so the gradient keeps its
+  // relative precision as p_i0 -> 1 (easy positives, late training).
+  at::Tensor top = at::maximum(max, pos);
+  at::Tensor w_neg = (max - top).exp_();
+  at::Tensor l_neg = sum * w_neg;
+  at::Tensor l_tot = (pos - top).exp_() + l_neg;
+  at::Tensor loss = ((top - pos) + l_tot.log()).mean();  // this order keeps precision when the positive dominates
+  at::Tensor grad_q = (acc * (w_neg / l_tot).unsqueeze(1) - ka * (l_neg / l_tot).unsqueeze(1))
+                          .mul_(inv_temperature / static_cast<double>(N));
   at::Tensor stats = at::stack({above.eq(0).to(at::kFloat).mean(), above.lt(5).to(at::kFloat).mean()});
   return {loss, grad_q, stats};
 }

@@ -4,8 +4,8 @@
 //   1. infonce_fwd_kernel, grid (ceil(N / BM), splits): a CTA takes BM rows of q and a contiguous run of
 //      BN-row queue tiles (its split) and writes each row's partial (O[C], m, l, above) to a workspace
 //      [splits, N, C + 3]. Splitting the queue axis fills the GPU even for N = 32.
-//   2. infonce_combine_kernel, one CTA per row: merges the splits in a fixed order starting from the
-//      positive (logit pos_i, weight 1, key k_i) -> dL/dq_i, loss_i, above_i.
+//   2. infonce_combine_kernel, one CTA per row: merges the splits in a fixed order, then the positive
+//      (logit pos_i, weight 1, key k_i) -> dL/dq_i, loss_i, above_i.
 //   3. infonce_finalize_kernel, one CTA: mean loss and [acc1, acc5], fixed-order sums.
 // Kernel 1, per queue tile (4 warps; tiles staged in shared memory with cp.async double buffering):
 //   S = Q . V^T   [BM x BN] fp32 scores -> shared memory
@@ -423,15 +423,21 @@ __global__ void __launch_bounds__(256) infonce_combine_kernel(const Params p, in
   __syncthreads();
   if (g != 0) return;
   const float pos = part[groups * (C + 3)];
-  float m = pos, l = 1.f, above = 0.f, acc[4], kv[4];
-  UNROLL for (int u = 0; u < 4; ++u) acc[u] = kv[u] = gi + tg * u < C ? load_f(p.k, p.kt, row * C + gi + tg * u) : 0.f;
-  for (int h = 0; h < groups; ++h) {
+  float m = kNegInf, l = 0.f, above = 0.f, acc[4] = {0.f, 0.f, 0.f, 0.f};
+  for (int h = 0; h < groups; ++h) {  // the negatives alone, in order
     merge(m, l, acc, part[h * (C + 3) + C], part[h * (C + 3) + C + 1], part + h * (C + 3), gi, tg, C);
     above += part[h * (C + 3) + C + 2];
   }
-  UNROLL for (int u = 0; u < 4; ++u)  // dL/dq_i = (sum_j p_ij key_j - k_i) / (T N), the positive included
-    if (gi + tg * u < C) grad[row * C + gi + tg * u] = (acc[u] / l - kv[u]) * gscale;
-  if (gi == 0) rowbuf[row] = m + logf(l) - pos, rowbuf[p.N + row] = above;
+  // dL/dq_i = (sum_j p_ij queue_j - (1 - p_i0) k_i) / (T N), with 1 - p_i0 written as l_neg / l_tot: the
+  // positive's share is never subtracted from 1, so the gradient keeps its relative precision as p_i0 -> 1.
+  const float mt = fmaxf(m, pos), wn = expf(m - mt), ln = l * wn, lt = expf(pos - mt) + ln;
+  const float cq = wn / lt, ck = ln / lt;
+  UNROLL for (int u = 0; u < 4; ++u)
+    if (gi + tg * u < C) {
+      const float kv = load_f(p.k, p.kt, row * C + gi + tg * u);
+      grad[row * C + gi + tg * u] = (acc[u] * cq - ck * kv) * gscale;
+    }
+  if (gi == 0) rowbuf[row] = mt + logf(lt) - pos, rowbuf[p.N + row] = above;
 }
 
 __global__ void __launch_bounds__(256) infonce_finalize_kernel(const float* __restrict__ rowbuf, int64_t N,

@@ -36,8 +36,9 @@ def infonce(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature: 
     TF32 is used for fp32 inputs unless torch.get_float32_matmul_precision() == "highest".
     """
     _validate.check_infonce(q, k, queue, temperature)
-    name = resolve("infonce", backend, q.device.type)
-    loss, _, stats = _custom.infonce_op(q, k, queue, float(temperature), name, _backends.allow_tf32())
+    tf32 = _backends.allow_tf32()
+    name = resolve("infonce", backend, q.device, (q.dtype, k.dtype, queue.dtype, "tf32" if tf32 else "ieee"))
+    loss, _, stats = _custom.infonce_op(q, k, queue, float(temperature), name, tf32)
     if return_stats:
         return loss, {"acc1": stats[0], "acc5": stats[1]}
     return loss
@@ -51,10 +52,10 @@ def momentum_update_(params_k, params_q, m, backend: str = "auto") -> None:
     recompilation and can live in a CUDA graph).
     """
     params_k, params_q = list(params_k), list(params_q)
-    _validate.check_momentum_update(params_k, params_q, m)
+    dtypes = _validate.check_momentum_update(params_k, params_q, m)
     if not params_k:
         return
-    name = resolve("momentum_update", backend, params_k[0].device.type)
+    name = resolve("momentum_update", backend, params_k[0].device, dtypes)
     m_tensor, m_float = (m, 0.0) if isinstance(m, torch.Tensor) else (None, float(m))
     if _eager(params_k[0]):
         _custom.kernel("momentum_update_", name)(params_k, params_q, m_tensor, m_float)
@@ -70,7 +71,7 @@ def enqueue_(queue: torch.Tensor, ptr: torch.Tensor, keys: torch.Tensor, backend
     (B > K keeps the last K keys), with no host synchronisation on the fast backends.
     """
     _validate.check_enqueue(queue, ptr, keys)
-    name = resolve("enqueue", backend, queue.device.type)
+    name = resolve("enqueue", backend, queue.device, (queue.dtype, keys.dtype))
     if _eager(queue):
         _custom.kernel("enqueue_", name)(queue, ptr, keys)
     else:

@@ -96,29 +96,61 @@ def unusable_reason(op: str, backend: str, device_type: str) -> str | None:
     return f"unknown backend '{backend}'; choose one of {('auto',) + BACKENDS}"
 
 
-_RESOLVED: dict[tuple[str, str, str], str] = {}
+_RESOLVED: dict[tuple, str] = {}
 
 
 @torch.compiler.assume_constant_result  # run eagerly while tracing; the answer is a constant
-def resolve(op: str, backend: str, device_type: str) -> str:
-    """The concrete backend for a call; raises with the reason when the one asked for cannot run."""
-    key = (op, backend, device_type)
+def resolve(op: str, backend: str, device, variant: tuple | None = None) -> str:
+    """The concrete backend for a call on `device` (a torch.device, "cuda:0", or a bare device type); raises
+    with the reason when the one asked for cannot run. With `variant` (the dtypes the call uses, and for
+    infonce "tf32" or "ieee"; see _self_check) a fast backend must also pass its run-time self-check on
+    that device for that variant first."""
+    key = (op, backend, device, variant)
     if key not in _RESOLVED:
-        _RESOLVED[key] = _resolve(op, backend, device_type)
+        names = None if variant is None else tuple(str(v).removeprefix("torch.") for v in variant)
+        _RESOLVED[key] = _resolve(op, backend, str(device), names)
     return _RESOLVED[key]
 
 
-def _resolve(op: str, backend: str, device_type: str) -> str:
+def self_check_failure(op: str, backend: str, device: str, variant: tuple[str, ...] | None) -> str | None:
+    """None when the self-check passes or does not apply, else what failed."""
+    from moco_fast.ops import _self_check
+    if backend == "reference" or variant is None or op not in _self_check.CHECKS or not _self_check.enabled():
+        return None
+    result = _self_check.run(op, backend, device, variant)
+    return None if result.ok else result.detail
+
+
+def _resolve(op: str, backend: str, device: str, variant: tuple[str, ...] | None) -> str:
+    device_type = device.split(":")[0]
     if backend == "auto":
         for candidate in AUTO_ORDER.get(device_type, {}).get(op, ("reference",)):
-            if unusable_reason(op, candidate, device_type) is None:
-                log.info("moco_fast: %s on %s tensors uses the '%s' backend", op, device_type, candidate)
+            if unusable_reason(op, candidate, device_type) is not None:
+                continue
+            failure = self_check_failure(op, candidate, device, variant)
+            if failure is None:
+                log.info("moco_fast: %s on %s tensors uses the '%s' backend", op, device, candidate)
                 return candidate
+            log.warning("moco_fast: %s backend '%s' failed its self-check on %s for %s (%s); not using it",
+                        op, candidate, device, "/".join(variant), failure)
         return "reference"
     reason = unusable_reason(op, backend, device_type)
     if reason is not None:
         raise RuntimeError(f"moco_fast.ops.{op}: {reason}")
+    failure = self_check_failure(op, backend, device, variant)
+    if failure is not None:
+        raise RuntimeError(
+            f"moco_fast.ops.{op}: backend '{backend}' failed its run-time self-check on {device} for "
+            f"{'/'.join(variant)}: {failure}. Use backend 'auto' (it skips a failing backend) or another one; "
+            "set MOCO_FAST_SELF_CHECK=0 to use it anyway, and please report the device and this message")
     return backend
+
+
+def clear_caches() -> None:
+    """Forget every resolution and self-check result (tests; a process normally keeps them)."""
+    from moco_fast.ops import _self_check
+    _RESOLVED.clear()
+    _self_check._RESULTS.clear()
 
 
 def available_backends() -> dict[str, list[str]]:

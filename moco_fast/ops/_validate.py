@@ -1,7 +1,10 @@
 """Input checks for the public ops: every message names the argument, what was expected and what came."""
 from __future__ import annotations
 
+import itertools
 import math
+import weakref
+from collections import OrderedDict
 
 import torch
 
@@ -41,7 +44,41 @@ def check_infonce(q, k, queue, temperature) -> None:
         _fail("infonce", f"temperature must be a positive finite float; got {temperature!r}")
 
 
-def check_momentum_update(params_k, params_q, m) -> None:
+_CHECKED: "OrderedDict[tuple, tuple]" = OrderedDict()  # pairs of lists already checked, LRU
+_CHECKED_SIZE = 8
+
+
+def check_momentum_update(params_k, params_q, m) -> tuple:
+    """Checks the pairs (once per list of tensors: the encoder's 161 pairs cost ~0.2-2 ms a call on a CPU
+    core, more than the kernel on a GPU) and m (every call). Returns the dtypes of params_k, in order."""
+    _check_momentum(m, params_k[0].device if len(params_k) else None)
+    key = None if torch.compiler.is_compiling() else _pairs_key(params_k, params_q)
+    if key is None:  # traced once per graph, or not plain tensors: check without the cache
+        _check_pairs(params_k, params_q)
+        return tuple(dict.fromkeys(p.dtype for p in params_k))
+    hit = _CHECKED.get(key)
+    if hit is not None and all(r() is t for r, t in zip(hit[0], itertools.chain(params_k, params_q))):
+        _CHECKED.move_to_end(key)
+        return hit[1]
+    _check_pairs(params_k, params_q)
+    dtypes = tuple(dict.fromkeys(p.dtype for p in params_k))
+    _CHECKED[key] = ([weakref.ref(t) for t in itertools.chain(params_k, params_q)], dtypes)
+    if len(_CHECKED) > _CHECKED_SIZE:
+        _CHECKED.popitem(last=False)
+    return dtypes
+
+
+def _pairs_key(params_k, params_q) -> tuple | None:
+    """The tensor objects (ids, confirmed alive by weakrefs on a hit, so a reused id misses) and their
+    storage (a parameter whose .data was replaced, e.g. by model.half(), misses); None for anything but
+    plain tensors (fake tensors, wrong types: the full check explains)."""
+    if not all(type(t) is torch.Tensor or type(t) is torch.nn.Parameter for t in itertools.chain(params_k, params_q)):
+        return None
+    return (tuple(map(id, params_k)), tuple(map(id, params_q)),
+            tuple(map(torch.Tensor.data_ptr, params_k)), tuple(map(torch.Tensor.data_ptr, params_q)))
+
+
+def _check_pairs(params_k, params_q) -> None:
     op = "momentum_update_"
     if len(params_k) != len(params_q):
         _fail(op, f"params_k and params_q must have the same length; got {len(params_k)} and {len(params_q)}")
@@ -58,8 +95,12 @@ def check_momentum_update(params_k, params_q, m) -> None:
         if pk.stride() != pq.stride() or not _dense(pk):
             _fail(op, f"params_k[{i}] and params_q[{i}] must be dense with equal strides; "
                       f"got strides {pk.stride()} and {pq.stride()}")
+
+
+def _check_momentum(m, device) -> None:
+    op = "momentum_update_"
     if isinstance(m, torch.Tensor):
-        device = params_k[0].device if len(params_k) else m.device
+        device = device if device is not None else m.device
         if m.numel() != 1 or m.device != device or not m.is_floating_point():
             _fail(op, f"m as a tensor must be one floating-point element on {device}; "
                       f"got shape {tuple(m.shape)}, {m.dtype} on {m.device}")

@@ -1,0 +1,141 @@
+"""Run-time self-check of the fast kernels on the user's own device.
+
+Nobody can test this project on every GPU its users have. So before a fast backend first serves a key
+(op, backend, device, dtypes), it runs once on a small random problem (a few milliseconds) and is compared
+with the float64 reference at the tests' tolerances. A backend that fails is never picked by `auto` (the
+log names op, backend, device, dtypes and the error; the next backend serves) and raises when asked for
+by name. MOCO_FAST_SELF_CHECK=0 turns the check off. It runs outside torch.compile's fake tensors and
+refuses to run inside a CUDA-graph capture (one eager call before capturing runs it).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+
+import torch
+import torch.nn.functional as F
+
+from moco_fast import reference
+
+ENV = "MOCO_FAST_SELF_CHECK"
+F64 = torch.float64
+
+
+@dataclasses.dataclass(frozen=True)
+class Result:
+    ok: bool
+    max_error: float  # the largest absolute error seen (0.0 when bitwise exact)
+    detail: str       # what failed, or what was compared
+
+
+def enabled() -> bool:
+    return os.environ.get(ENV, "1").strip().lower() not in ("0", "off", "false", "no")
+
+
+def error_bound(exact: torch.Tensor, native: torch.Tensor, floor: float) -> float:
+    """The tests' tolerance: twice PyTorch's own error in the same dtypes, plus floor * max |exact|."""
+    torch_err = (native.double().cpu() - exact).abs().max().item()
+    return 2 * torch_err + floor * exact.abs().max().item()
+
+
+def max_error(ours: torch.Tensor, exact: torch.Tensor) -> float:
+    err = (ours.double().cpu() - exact).abs().max().item()
+    return err if math.isfinite(err) else math.inf  # NaN compares false: make it fail loudly
+
+
+_RESULTS: dict[tuple, Result] = {}
+
+
+def run(op: str, backend: str, device: str, variant: tuple[str, ...]) -> Result:
+    """The (cached) self-check of one key; variant names the dtypes (and TF32) the call will use."""
+    key = (op, backend, device, variant)
+    if key not in _RESULTS:
+        _RESULTS[key] = _run(op, backend, device, variant)
+    return _RESULTS[key]
+
+
+def _run(op: str, backend: str, device: str, variant: tuple[str, ...]) -> Result:
+    if device.startswith("cuda") and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(f"moco_fast: the self-check of {op} backend '{backend}' on {device} {variant} would run "
+                           "inside a CUDA-graph capture; call the op once eagerly before capturing "
+                           f"(or set {ENV}=0)")
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+    try:
+        with unset_fake_temporarily(), torch.no_grad():  # real tensors, also while torch.compile traces
+            return CHECKS[op](backend, torch.device(device), variant)
+    except Exception as err:  # noqa: BLE001 - a kernel that cannot even run fails its check
+        return Result(False, math.inf, f"{type(err).__name__}: {err}")
+
+
+def _dtype(name: str) -> torch.dtype:
+    return getattr(torch, name.removeprefix("torch."))
+
+
+def _kernel(op: str, backend: str):
+    from moco_fast.ops import _custom
+    return _custom.kernel(op, backend)
+
+
+def _compare(pairs) -> Result:
+    """pairs: (what, ours, exact, bound); bound None means bitwise."""
+    worst = 0.0
+    for what, ours, exact, bound in pairs:
+        err = max_error(ours, exact)
+        worst = max(worst, err)
+        if (bound is None and not torch.equal(ours.cpu().to(exact.dtype), exact)) or (
+                bound is not None and not err <= bound):
+            limit = "bitwise" if bound is None else f"{bound:.3g}"
+            return Result(False, worst, f"{what}: max error {err:.3g} > {limit}")
+    return Result(True, worst, "matches the float64 reference")
+
+
+def check_infonce(backend: str, device: torch.device, variant: tuple[str, ...]) -> Result:
+    """N=8, C=64, K=300 (a tail after every block size); variant = (q, k, queue dtypes, 'tf32'|'ieee')."""
+    q_dt, k_dt, queue_dt, precision = variant
+    g = torch.Generator().manual_seed(0)
+    q = F.normalize(torch.randn(8, 64, generator=g, dtype=F64), dim=1)
+    k = F.normalize(q + torch.randn(8, 64, generator=g, dtype=F64), dim=1)
+    queue = F.normalize(torch.randn(300, 64, generator=g, dtype=F64), dim=1)
+    inv_t, tf32 = 1 / 0.07, precision == "tf32"
+    from moco_fast.ops._custom import _infonce_fwd_reference
+    exact = _infonce_fwd_reference(q, k, queue, inv_t, False)
+    args = q.to(device, _dtype(q_dt)), k.to(device, _dtype(k_dt)), queue.to(device, _dtype(queue_dt))
+    native = _infonce_fwd_reference(*args, inv_t, tf32)
+    ours = _kernel("infonce_fwd", backend)(*args, inv_t, tf32)
+    floor = 1e-6 if F64 not in (args[0].dtype, args[2].dtype) else 1e-12
+    return _compare([(name, ours[i], exact[i], error_bound(exact[i], native[i], floor))
+                     for i, name in ((0, "loss"), (1, "dL/dq"))])
+
+
+def check_momentum_update(backend: str, device: torch.device, variant: tuple[str, ...]) -> Result:
+    """Three tensors per dtype (below one block, just over one, 2-D), m as a float and as a tensor: bitwise."""
+    g = torch.Generator().manual_seed(0)
+    pk, pq = [], []
+    for name in variant:
+        for shape in [(5,), (4099,), (3, 7)]:
+            pk.append(torch.randn(shape, generator=g).to(device, _dtype(name)))
+            pq.append(torch.randn(shape, generator=g).to(device, _dtype(name)))
+    expected = [p.clone() for p in pk]
+    reference.momentum_update_ref_(expected, pq, 0.99)
+    _kernel("momentum_update_", backend)(pk, pq, None, 0.99)
+    reference.momentum_update_ref_(expected, pq, 0.5)
+    _kernel("momentum_update_", backend)(pk, pq, torch.tensor([0.5], dtype=F64, device=device), 0.0)
+    return _compare([(f"params_k[{i}]", a, b.cpu(), None) for i, (a, b) in enumerate(zip(pk, expected))])
+
+
+def check_enqueue(backend: str, device: torch.device, variant: tuple[str, ...]) -> Result:
+    """K=10, pointer 7, 5 keys (wraps around), then 13 keys (more than K): bitwise, pointer included."""
+    queue_dt, keys_dt = (_dtype(n) for n in variant)
+    g = torch.Generator().manual_seed(0)
+    queue = torch.randn(10, 4, generator=g).to(device, queue_dt)
+    ptr = torch.tensor([7], dtype=torch.int64, device=device)
+    expected_queue, expected_ptr = queue.cpu().clone(), ptr.cpu().clone()
+    for b in (5, 13):
+        keys = torch.randn(b, 4, generator=g).to(device, keys_dt)
+        reference.enqueue_ref_(expected_queue, expected_ptr, keys.cpu())
+        _kernel("enqueue_", backend)(queue, ptr, keys)
+    return _compare([("queue", queue, expected_queue, None), ("ptr", ptr, expected_ptr, None)])
+
+
+CHECKS = {"infonce": check_infonce, "momentum_update": check_momentum_update, "enqueue": check_enqueue}
