@@ -98,9 +98,10 @@ def assert_steps_close(ours, expected, tol):
 
 
 # Two correct InfoNCE kernels differ by fp32 roundings (~1e-7), which 9 SGD steps through BatchNorm on 8
-# samples amplify; measured on the CPU between the cpu and reference backends (eager, same data): at most
-# ~1e-4 (tests/test_cuda_graph.py::test_cpu_backend_steps_stay_near_the_reference_steps below).
-ACROSS_BACKENDS = 2e-3
+# samples could amplify. Measured on the CPU, cpu against reference backend, eager, the same data
+# (2026-12-02): losses 4.8e-7, parameters 2.4e-7, queue 6.4e-7 apart after 9 steps. The GPU bound leaves
+# room for cuDNN and cuBLAS roundings on top.
+ACROSS_BACKENDS = 1e-4
 
 
 def test_cpu_backend_steps_stay_near_the_reference_steps():
@@ -108,7 +109,7 @@ def test_cpu_backend_steps_stay_near_the_reference_steps():
     cpu, data = torch.device("cpu"), batches(9)
     reference = run_steps(cpu, *make_step(cpu, backend="reference"), data)
     ours = run_steps(cpu, *make_step(cpu, backend="auto"), data)
-    assert_steps_close(ours, reference, ACROSS_BACKENDS / 4)
+    assert_steps_close(ours, reference, ACROSS_BACKENDS / 10)
 
 
 @pytest.mark.parametrize("backend", ["cuda", "triton"])

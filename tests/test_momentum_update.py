@@ -98,3 +98,18 @@ def test_momentum_update_errors():
         ops.momentum_update_(k, q, 1.5)
     with pytest.raises(ValueError, match=r"m as a tensor must be one floating-point element on cpu; got shape \(2,\)"):
         ops.momentum_update_(k, q, torch.tensor([0.9, 0.9]))
+
+
+def test_validation_is_cached_per_list_but_sees_replaced_tensors():
+    """The 161-pair check runs once per list of tensors; a list whose tensors changed is checked again."""
+    params_k = [torch.randn(5), torch.randn(3, 4)]
+    params_q = [torch.randn(5), torch.randn(3, 4)]
+    ops.momentum_update_(params_k, params_q, 0.9, backend="reference")
+    params_k[1].data = params_k[1].data.half()  # as model.half() does: same object, new storage and dtype
+    with pytest.raises(ValueError, match=r"params_q\[1\] must have dtype in \['torch.float16'\]"):
+        ops.momentum_update_(params_k, params_q, 0.9, backend="reference")
+    ops.momentum_update_(params_k[:1], params_q[:1], 0.9, backend="reference")
+    del params_k, params_q  # new tensors may take the old ids and addresses: weakrefs tell them apart
+    params_k, params_q = [torch.randn(5), torch.randn(3, 4)], [torch.randn(5), torch.randn(4, 3)]
+    with pytest.raises(ValueError, match=r"params_k\[1\] has shape \(3, 4\) but params_q\[1\] has \(4, 3\)"):
+        ops.momentum_update_(params_k, params_q, 0.9, backend="reference")
