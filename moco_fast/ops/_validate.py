@@ -69,13 +69,13 @@ def check_momentum_update(params_k, params_q, m) -> tuple:
 
 
 def _pairs_key(params_k, params_q) -> tuple | None:
-    """The tensor objects (ids, confirmed alive by weakrefs on a hit, so a reused id misses) and their
-    storage (a parameter whose .data was replaced, e.g. by model.half(), misses); None for anything but
-    plain tensors (fake tensors, wrong types: the full check explains)."""
-    if not all(type(t) is torch.Tensor or type(t) is torch.nn.Parameter for t in itertools.chain(params_k, params_q)):
+    """The storage of every tensor (a parameter whose .data was replaced, e.g. by model.half(), misses); a
+    hit is confirmed against weakrefs to the very tensor objects, so new tensors at old addresses miss.
+    None for anything but plain tensors (fake tensors, wrong types): the full check explains those."""
+    try:
+        return len(params_k), tuple(map(torch.Tensor.data_ptr, itertools.chain(params_k, params_q)))
+    except (TypeError, RuntimeError):
         return None
-    return (tuple(map(id, params_k)), tuple(map(id, params_q)),
-            tuple(map(torch.Tensor.data_ptr, params_k)), tuple(map(torch.Tensor.data_ptr, params_q)))
 
 
 def _check_pairs(params_k, params_q) -> None:
