@@ -28,7 +28,8 @@ cd "$SCRATCH"
 start=$(date +%s)
 nice -n 5 "$VENV/bin/python" setup.py build_ext --inplace >build.log 2>&1 || {
   grep -nE "error|Error" build.log | head -n 40; echo "BUILD FAILED: full log $SCRATCH/build.log"; exit 1; }
-grep -ciE "warning" build.log | sed 's/^/warnings in the log: /'
+echo "C++ standard: $(grep -o -- '-std=c++[0-9]*' build.log | sort | uniq -c | tr -s ' ' | paste -sd,);" \
+  "warnings in the log: $(grep -ciE warning build.log || true)"
 echo "built in $(( $(date +%s) - start )) s: $(ls moco_fast/_C*.so)"
 # the op registrations and their kernels must load against torch 2.11's libraries (undefined symbols show here)
 "$VENV/bin/python" - <<'EOF'
@@ -38,5 +39,11 @@ for name in ("infonce_fwd", "momentum_update_kernel_", "enqueue_kernel_"):
     op = getattr(torch.ops.moco_fast, name)
     kernels = [k for k in ("CPU", "CUDA") if torch._C._dispatch_has_kernel_for_dispatch_key(op.default.name(), k)]
     print("loaded", op.default._schema, "kernels:", kernels)
+q, k, queue = torch.randn(4, 8), torch.randn(4, 8), torch.randn(10, 8)  # the CPU kernel runs under 2.11 too
+loss, grad_q, stats = torch.ops.moco_fast.infonce_fwd(q, k, queue, 5.0, False)
+logits = torch.cat([(q * k).sum(1, keepdim=True), q @ queue.T], 1) * 5.0
+want = torch.nn.functional.cross_entropy(logits, torch.zeros(4, dtype=torch.long))
+assert torch.allclose(loss, want, rtol=1e-5), (float(loss), float(want))
+print(f"cpu infonce_fwd under torch {torch.__version__}: loss {float(loss):.6f} (reference {float(want):.6f})")
 EOF
 echo "OK: torch 2.11 build of $REV (log: $SCRATCH/build.log)"
