@@ -201,9 +201,14 @@ def _capture(fn) -> "torch.cuda.CUDAGraph":
         for _ in range(2):
             fn()
     torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
+    graph, before = torch.cuda.CUDAGraph(), torch.cuda.current_stream()
+    try:
+        with torch.cuda.graph(graph):
+            fn()
+    except BaseException:
+        # torch.cuda.graph leaves its capture stream current when capture_end raises
+        torch.cuda.set_stream(before)
+        raise
     torch.cuda.synchronize()
     return graph
 
@@ -223,13 +228,21 @@ def _queue_sleep(seconds: float) -> "torch.cuda.Event":
 
 @functools.cache
 def _sleep_cycles_per_second() -> float:
-    torch.cuda._sleep(1000)  # load the kernel
-    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    begin.record()
-    torch.cuda._sleep(10_000_000)
-    end.record()
-    end.synchronize()
-    return 10_000_000 / (begin.elapsed_time(end) / 1e3)
+    """_sleep spins for SM clock cycles, and an idle GPU clocks low (an H200 here: 345 MHz idle, 1980
+    busy): measured after ~10 ms of work, the highest of three rates, so that a sleep sized from it
+    lasts at least as long as asked for."""
+    flush = _flush_buffer()
+    for _ in range(100):
+        flush.zero_()
+    rates = []
+    for _ in range(3):
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+        torch.cuda._sleep(20_000_000)
+        end.record()
+        end.synchronize()
+        rates.append(20_000_000 / (begin.elapsed_time(end) / 1e3))
+    return max(rates)
 
 
 def peak_extra_mib(fn, device: str) -> float:
