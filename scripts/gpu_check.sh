@@ -24,6 +24,9 @@
 #     PARTS="build ops" bash scripts/gpu_check.sh            # only some steps:
 #         part 1: build info tests graph    part 2: build timing ops step data
 #     DATA_ARGS=--end-to-end PART=2 bash scripts/gpu_check.sh  # also ResNet-50 training fed by each pipeline
+#     GPU_CHECK_PLAN=1 PART=1 bash scripts/gpu_check.sh     # print the steps and limits, as if each ran to
+#         its limit, running nothing (tests/benchmarks/test_gpu_check.py); GPU_CHECK_PLAN=warm: as on a
+#         warm machine whose build is current (the build skipped)
 #
 # Limits, from counted compile work (Triton compiles each specialisation once, at first launch: each
 # combination of constexprs, pointer dtypes, and int arguments equal to 1 or divisible by 16; a tl.dot
@@ -78,16 +81,20 @@ export MAX_JOBS=${MAX_JOBS:-16}
 # the compile caches live in the working tree (git-ignored), so a warm machine's next call reuses them
 export TRITON_CACHE_DIR=$PWD/.cache/triton TORCHINDUCTOR_CACHE_DIR=$PWD/.cache/inductor
 unset TRITON_INTERPRET
+PLAN=${GPU_CHECK_PLAN:-}
 START=$(date +%s)
+SPENT=0  # in a plan, the seconds the steps would have taken at their limits
 status=0
-say() { echo "== $* ($(date +%T), $(( $(date +%s) - START )) s in)" | tee -a "$LOG"; }
+elapsed() { echo $(( $(date +%s) - START + SPENT )); }
+say() { echo "== $* ($(date +%T), $(elapsed) s in)" | tee -a "$LOG"; }
 want() { [[ " $PARTS " == *" $1 "* ]]; }
 run_part() {  # run_part NAME SECONDS command...: output streamed to the log, failure to the status
   local name=$1 limit=$2; shift 2
-  local left=$(( BUDGET - ($(date +%s) - START) ))
+  local left=$(( BUDGET - $(elapsed) ))
   (( left < limit )) && limit=$left
   if (( limit < 15 )); then say "$name: skipped, ${left} s of the call's budget left"; status=1; return; fi
   say "$name (limit ${limit} s)"
+  if [ -n "$PLAN" ]; then echo "plan: $*" | tee -a "$LOG"; SPENT=$(( SPENT + limit )); return; fi
   timeout -k 5 "$limit" "$@" 2>&1 | tee -a "$LOG"
   local rc=${PIPESTATUS[0]}
   [ "$rc" -eq 0 ] || { echo "($name: exit $rc; 124 = timed out after ${limit} s)" | tee -a "$LOG"; status=1; }
@@ -95,7 +102,7 @@ run_part() {  # run_part NAME SECONDS command...: output streamed to the log, fa
 PYTEST=(python -m pytest -v -rA --durations=25 -p no:cacheprovider -m gpu)
 
 say "machine (PART=${PART:-all}: $PARTS; budget ${BUDGET} s)"
-{ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv,noheader
+[ -n "$PLAN" ] || { nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv,noheader
   python -c "import sys, torch, triton; print('python', sys.version.split()[0], 'torch', torch.__version__, \
 'cuda', torch.version.cuda, 'triton', triton.__version__, 'L2', getattr(torch.cuda.get_device_properties(0), \
 'L2_cache_size', 0) >> 20, 'MiB')"
@@ -106,13 +113,13 @@ if want build; then
   # what the extension is built from; a warm machine's earlier build of the same sources is reused
   stamp=$( { cat setup.py; find csrc -type f | sort | xargs cat; python -c "import torch; print(torch.__version__)"; } \
            | sha256sum | cut -c1-16)
-  if [ "$(cat .cache/build.stamp 2>/dev/null)" = "$stamp" ] && ls moco_fast/_C*.so >/dev/null 2>&1 \
-     && python -c "import moco_fast._C as c; assert c.with_cuda" 2>/dev/null; then
+  if [ "$PLAN" = warm ] || { [ -z "$PLAN" ] && [ "$(cat .cache/build.stamp 2>/dev/null)" = "$stamp" ] \
+     && ls moco_fast/_C*.so >/dev/null 2>&1 && python -c "import moco_fast._C as c; assert c.with_cuda" 2>/dev/null; }; then
     say "build: moco_fast/_C is built from these sources (stamp $stamp), skipped"
   else
-    rm -f moco_fast/_C*.so .cache/build.stamp
+    [ -n "$PLAN" ] || rm -f moco_fast/_C*.so .cache/build.stamp
     run_part build 120 python setup.py build_ext --inplace
-    if ls moco_fast/_C*.so >/dev/null 2>&1; then echo "$stamp" >.cache/build.stamp; fi
+    if [ -z "$PLAN" ] && ls moco_fast/_C*.so >/dev/null 2>&1; then echo "$stamp" >.cache/build.stamp; fi
   fi
 fi
 
