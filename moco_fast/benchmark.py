@@ -80,7 +80,9 @@ def time_op(fn, device: str, kind: str = "graph", repeats: int = 100, warmup: in
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}; got {kind!r}")
-    host_s, spread, host_method = host_seconds(fn, device, kind, rounds=repeats, warmup=warmup, budget_s=budget_s)
+    # 30 rounds make a steady median; more would only wait for the device work each round queues
+    host_s, spread, host_method = host_seconds(fn, device, kind, rounds=min(repeats, 30), warmup=warmup,
+                                               budget_s=budget_s)
     if device.startswith("cuda"):
         device_s, device_method = device_seconds(fn, kind, repeats=repeats, budget_s=budget_s)
     else:

@@ -61,7 +61,7 @@ def main():
             write_json(args.json, {"header": header, "methods": METHODS, "rows": rows})
     copy_gbps, rows = run(ops_to_run, args.device, quick=args.quick, on_rows=on_rows)
     print(f"\ncopy bandwidth (floor for memory-bound ops): {copy_gbps:.1f} GB/s")
-    print("methods: " + "; ".join(f"{k}: {v}" for k, v in METHODS.items()))
+    print("methods:\n" + "\n".join(f"  {k}: {v}" for k, v in METHODS.items()))
     if args.json:
         write_json(args.json, {"header": header, "copy_GBps": copy_gbps, "methods": METHODS, "rows": rows})
 
