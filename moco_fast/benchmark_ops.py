@@ -3,7 +3,9 @@
 Floors are stated in the code: InfoNCE does 4*N*K*C FLOPs (logits and the weighted key sum) and must
 read the queue once; the EMA moves 12 bytes per fp32 parameter (read p_k and p_q, write p_k); enqueue
 writes B rows; augment must read each crop's uint8 pixels and write its output. Each figure is a median
-with warm-up excluded; compile time is reported apart.
+with warm-up excluded; compile time is reported apart. Every provider gets two figures (benchmark.time_op):
+device time (on CUDA a CUDA-graph replay where the provider can be captured, L2 flushed before each
+call), on which the rates, speed-ups and floors are computed, and eager host time per call.
 """
 from __future__ import annotations
 
@@ -15,8 +17,8 @@ import torchvision
 
 from moco_fast import ops
 from moco_fast.gpu_augment import sample_params
-from moco_fast.benchmark import (copy_bandwidth_gbps, matmul_tflops, median_seconds, peak_extra_mib,
-                                 wall_seconds_per_call)
+from moco_fast.benchmark import copy_bandwidth_gbps, host_seconds, matmul_tflops, peak_extra_mib, time_op
+from moco_fast.ops import _custom
 from moco_fast.ops._backends import unusable_reason
 from moco_fast.reference import enqueue_ref_, infonce_ref, momentum_update_ref_
 
@@ -63,7 +65,7 @@ def _infonce_step(provider: str, q, k, queue):
 
 def bench_infonce(device: str, quick: bool = False, copy_gbps: float = 0.0) -> list[dict]:
     rows = []
-    for N, C, K, queue_dtype, precision in infonce_cases(device, quick):
+    for i, (N, C, K, queue_dtype, precision) in enumerate(infonce_cases(device, quick)):
         torch.set_float32_matmul_precision(precision)
         q, k, queue = _infonce_inputs(N, C, K, queue_dtype, device)
         flops = 4 * N * K * C
@@ -72,17 +74,20 @@ def bench_infonce(device: str, quick: bool = False, copy_gbps: float = 0.0) -> l
         floor = max(flops / (rate * 1e12), queue.numel() * queue.element_size() / (copy_gbps * 1e9))
         case = f"N={N} C={C} K={K} queue={str(queue_dtype).removeprefix('torch.')} {precision}"
         ref_time = None
-        for provider in ["reference", "reference-compiled"] + fast_backends("infonce", device):
+        # torch.compile of the reference (tens of seconds per shape on a GPU): the first case alone
+        compiled = ["reference-compiled"] if i == 0 else []
+        for provider in ["reference"] + compiled + fast_backends("infonce", device):
             step = _infonce_step(provider, q, k, queue)
             compile_s = None
             if provider == "reference-compiled":
                 t0 = time.perf_counter()
                 step()
                 compile_s = time.perf_counter() - t0
-            seconds = median_seconds(step, device, repeats=30 if device == "cpu" else 100)
+            timing = time_op(step, device, "graph", repeats=30 if device == "cpu" else 100)
+            seconds = timing["device_us"] / 1e6
             ref_time = ref_time or seconds
             mib = peak_extra_mib(step, device)
-            rows.append({"op": "infonce", "case": case, "provider": provider, "time_us": seconds * 1e6,
+            rows.append({"op": "infonce", "case": case, "provider": provider, **timing,
                          "TFLOP/s": flops / seconds / 1e12, "speedup_vs_ref": ref_time / seconds,
                          "x_floor": seconds / floor, "peak_extra_MiB": mib, "compile_s": compile_s})
         del q, k, queue
@@ -107,23 +112,30 @@ def bench_momentum_update(device: str, quick: bool = False, copy_gbps: float = 0
         for p_q, p_k in zip(params_q, holders):
             p_k.data = p_k.data * m + p_q.data * (1.0 - m)
 
-    providers = {
-        "official-loop": official_loop,
-        "reference": lambda: momentum_update_ref_(params_k, params_q, m),
-        "foreach_lerp_": lambda: torch._foreach_lerp_(params_k, params_q, 1 - m),
-        "flat lerp_": lambda: flat_k.lerp_(flat_q, 1 - m),
+    providers = {  # name: (fn, how it may be timed on CUDA: see benchmark.time_op)
+        # reassigning .data: new tensors every call, the host holds the result; timed eagerly
+        "official-loop": (official_loop, "eager"),
+        "reference": (lambda: momentum_update_ref_(params_k, params_q, m), "graph"),  # float m: no host read
+        "foreach_lerp_": (lambda: torch._foreach_lerp_(params_k, params_q, 1 - m), "graph"),
+        "flat lerp_": (lambda: flat_k.lerp_(flat_q, 1 - m), "graph"),
     }
     for backend in fast_backends("momentum_update", device):
-        providers[backend] = lambda b=backend: ops.momentum_update_(params_k, params_q, m, backend=b)
-    rows, ref_time = [], None
+        providers[backend] = (lambda b=backend: ops.momentum_update_(params_k, params_q, m, backend=b), "graph")
     case = f"{'ResNet-18' if quick else 'ResNet-50'}: {len(params_q)} tensors, {numel / 1e6:.1f}M fp32"
-    for name, fn in providers.items():
-        seconds = median_seconds(fn, device, repeats=20 if device == "cpu" else 100)
-        ref_time = seconds if name == "reference" else ref_time
-        rows.append({"op": "momentum_update", "case": case, "provider": name, "time_us": seconds * 1e6,
-                     "GB/s": nbytes / seconds / 1e9, "x_floor": seconds / (nbytes / (copy_gbps * 1e9))})
+    rows = _timed_rows("momentum_update", case, providers, device, repeats=20 if device == "cpu" else 100)
     for row in rows:
-        row["speedup_vs_ref"] = ref_time / (row["time_us"] / 1e6)
+        seconds = row["device_us"] / 1e6
+        row.update({"GB/s": nbytes / seconds / 1e9, "x_floor": seconds / (nbytes / (copy_gbps * 1e9))})
+    return rows
+
+
+def _timed_rows(op: str, case: str, providers: dict, device: str, repeats: int) -> list[dict]:
+    """One row per provider (name: (fn, kind)), with both figures and the speed-up over 'reference'."""
+    rows = [{"op": op, "case": case, "provider": name, **time_op(fn, device, kind, repeats=repeats)}
+            for name, (fn, kind) in providers.items()]
+    ref_us = next(r["device_us"] for r in rows if r["provider"] == "reference")
+    for row in rows:
+        row["speedup_vs_ref"] = ref_us / row["device_us"]
     return rows
 
 
@@ -144,20 +156,16 @@ def bench_enqueue(device: str, quick: bool = False, copy_gbps: float = 0.0) -> l
         queue.index_copy_(0, idx, keys)
         ptr.add_(B).remainder_(K)
 
-    providers = {"official (sync)": official, "index_copy_": index_copy,
-                 "reference": lambda: enqueue_ref_(queue, ptr, keys)}
+    # the reference reads the pointer on the host too (int(ptr)): neither it nor the official code
+    # can be captured, and both wait for the device by design
+    providers = {"official (sync)": (official, "sync"), "index_copy_": (index_copy, "graph"),
+                 "reference": (lambda: enqueue_ref_(queue, ptr, keys), "sync")}
     for backend in fast_backends("enqueue", device):
-        providers[backend] = lambda b=backend: ops.enqueue_(queue, ptr, keys, backend=b)
-    rows, ref_time = [], None
+        providers[backend] = (lambda b=backend: ops.enqueue_(queue, ptr, keys, backend=b), "graph")
     nbytes = 2 * B * C * 4
-    for name, fn in providers.items():
-        seconds = median_seconds(fn, device, repeats=50 if device == "cpu" else 200)
-        wall = wall_seconds_per_call(fn, device, calls=50 if name == "reference" else 500)
-        ref_time = seconds if name == "reference" else ref_time
-        rows.append({"op": "enqueue", "case": f"K={K} C={C} B={B}", "provider": name, "time_us": seconds * 1e6,
-                     "wall_us": wall * 1e6, "x_floor": seconds / (nbytes / (copy_gbps * 1e9))})
+    rows = _timed_rows("enqueue", f"K={K} C={C} B={B}", providers, device, repeats=50 if device == "cpu" else 200)
     for row in rows:
-        row["speedup_vs_ref"] = ref_time / (row["time_us"] / 1e6)
+        row["x_floor"] = row["device_us"] / 1e6 / (nbytes / (copy_gbps * 1e9))
     return rows
 
 
@@ -187,21 +195,72 @@ def bench_augment(device: str, quick: bool = False, copy_gbps: float = 0.0) -> l
 
     rows, ref_time = [], None
     for provider in ["reference"] + fast_backends("augment", device):
-        seconds = median_seconds(lambda: pipeline(provider), device, repeats=5 if provider == "reference" else 50)
+        # the per-sample parameters travel from the host each call (a pageable copy): not capturable;
+        # the reference reads them back per image (int(offsets[i]) on the device): a sync
+        kind = "sync" if provider == "reference" else "eager"
+        timing = time_op(lambda: pipeline(provider), device, kind, repeats=5 if provider == "reference" else 50)
+        seconds = timing["device_us"] / 1e6
         ref_time = ref_time or seconds
         rows.append({"op": "augment", "case": f"N={n} {side[0]}x{side[1]} -> {size}", "provider": provider,
-                     "time_us": seconds * 1e6, "GB/s": nbytes / seconds / 1e9, "speedup_vs_ref": ref_time / seconds,
+                     **timing, "GB/s": nbytes / seconds / 1e9, "speedup_vs_ref": ref_time / seconds,
                      "x_floor": seconds / (nbytes / (copy_gbps * 1e9))})
     return rows
+
+
+# -------------------------------------------------------------------------------------- host only
+def bench_host(device: str, quick: bool = False) -> list[dict]:
+    """Eager host time per call of the three ops where the work is small next to the dispatch (input
+    checks, custom-op and autograd dispatch, launches): the figure a cheaper dispatch, such as a cache
+    of the EMA's input validation, moves. Run `scripts/bench_ops.py --host-only` before and after a
+    change on the same machine; compare medians against host_spread (relative interquartile range).
+    The "kernel only" rows call the backend's kernel entry directly, past ops' checks and dispatch."""
+    rows = []
+    q, k, queue = _infonce_inputs(8, 64, 300, torch.float32, device)
+    for backend in ["reference"] + fast_backends("infonce", device):
+        def step(b=backend):
+            ops.infonce(q, k, queue, T, backend=b).backward()
+            q.grad = None
+        rows.append(_host_row("infonce", "fwd+bwd N=8 C=64 K=300 fp32", backend, step, device, quick))
+    shapes = [p.shape for p in (torchvision.models.resnet18() if quick else torchvision.models.resnet50()).parameters()]
+    name = "ResNet-18" if quick else "ResNet-50"
+    for label, sizes in ((f"{name}'s {len(shapes)} tensors, each dim cut to <= 2 (dispatch only)",
+                          [[min(d, 2) for d in s] for s in shapes]),
+                         (f"{name}'s {len(shapes)} tensors, full size", shapes)):
+        params_k = [torch.randn(s, device=device) for s in sizes]
+        params_q = [torch.randn(s, device=device) for s in sizes]
+        for backend in ["reference"] + fast_backends("momentum_update", device):
+            rows.append(_host_row("momentum_update", label, backend, lambda b=backend: ops.momentum_update_(
+                params_k, params_q, 0.999, backend=b), device, quick))
+        for backend in fast_backends("momentum_update", device):
+            kernel = _custom.kernel("momentum_update_", backend)
+            rows.append(_host_row("momentum_update", label, f"{backend} kernel only",
+                                  lambda f=kernel: f(params_k, params_q, None, 0.999), device, quick))
+    queue, keys = torch.randn(4096, 64, device=device), torch.randn(8, 64, device=device)
+    ptr = torch.zeros(1, dtype=torch.long, device=device)
+    for backend in ["reference"] + fast_backends("enqueue", device):
+        rows.append(_host_row("enqueue", "K=4096 C=64 B=8 fp32", backend,
+                              lambda b=backend: ops.enqueue_(queue, ptr, keys, backend=b), device, quick))
+    return rows
+
+
+def _host_row(op: str, case: str, provider: str, fn, device: str, quick: bool) -> dict:
+    # the reference enqueue reads the pointer on the host: on CUDA it waits for the device by design
+    kind = "sync" if op == "enqueue" and provider == "reference" else "eager"
+    median, spread, method = host_seconds(fn, device, kind, rounds=5 if quick else 30)
+    return {"op": op, "case": case, "provider": provider, "host_us": median * 1e6, "host_spread": spread,
+            "host_method": method}
 
 
 BENCHES = {"infonce": bench_infonce, "momentum_update": bench_momentum_update, "enqueue": bench_enqueue,
            "augment": bench_augment}
 
 
-def run(op_names: list[str], device: str, quick: bool = False) -> tuple[float, list[dict]]:
+def run(op_names: list[str], device: str, quick: bool = False, on_rows=None) -> tuple[float, list[dict]]:
+    """(copy GB/s, rows) of the named benchmarks; on_rows(rows so far) after each, to save as it goes."""
     copy_gbps = copy_bandwidth_gbps(device, (64 << 20) if device == "cpu" or quick else (2 << 30))
     rows = []
     for name in op_names:
         rows += BENCHES[name](device, quick=quick, copy_gbps=copy_gbps)
+        if on_rows is not None:
+            on_rows(rows)
     return copy_gbps, rows

@@ -3,6 +3,12 @@
     python scripts/bench_ops.py                      # all ops, on the GPU when there is one
     python scripts/bench_ops.py --op infonce --json out.json
     python scripts/bench_ops.py --quick              # tiny sizes: a smoke run
+    python scripts/bench_ops.py --host-only          # eager host time per call of the three ops, small sizes
+
+Two figures per provider: device_us (on CUDA a CUDA-graph replay where the provider can be captured,
+else eager calls queued behind torch.cuda._sleep; L2 flushed before each call) and host_us (wall time
+per call of back-to-back eager calls). On the CPU the two are one measurement. The method of each is
+in device_method / host_method; the legend is printed at the end and saved in the JSON.
 """
 import argparse
 import os
@@ -12,11 +18,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from moco_fast.benchmark import machine_header, print_table, write_json  # noqa: E402
-from moco_fast.benchmark_ops import BENCHES, run  # noqa: E402
+from moco_fast.benchmark import METHODS, machine_header, print_table, write_json  # noqa: E402
+from moco_fast.benchmark_ops import BENCHES, bench_host, run  # noqa: E402
 
-COLUMNS = ["case", "provider", "time_us", "wall_us", "TFLOP/s", "GB/s", "speedup_vs_ref", "x_floor",
-           "peak_extra_MiB", "compile_s"]
+COLUMNS = ["case", "provider", "device_us", "host_us", "TFLOP/s", "GB/s", "speedup_vs_ref", "x_floor",
+           "peak_extra_MiB", "compile_s", "device_method", "host_method"]
+HOST_COLUMNS = ["op", "case", "provider", "host_us", "host_spread", "host_method"]
 
 
 def main():
@@ -24,18 +31,39 @@ def main():
     parser.add_argument("--op", choices=["all", *BENCHES], default="all")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     parser.add_argument("--quick", action="store_true", help="tiny sizes (a smoke run)")
-    parser.add_argument("--json", help="also write every figure to this JSON file")
+    parser.add_argument("--host-only", action="store_true",
+                        help="only the eager host time per call of infonce, momentum_update and enqueue at "
+                             "small sizes (before/after a change to the ops' Python dispatch or checks)")
+    parser.add_argument("--threads", type=int,
+                        help="torch CPU threads (default: torch's; 1 with --host-only on the CPU, where "
+                             "OpenMP teams at tiny sizes only add noise on a shared machine)")
+    parser.add_argument("--json", help="also write every figure to this JSON file (after each op)")
     args = parser.parse_args()
+    threads = args.threads or (1 if args.host_only and args.device == "cpu" else None)
+    if threads:
+        torch.set_num_threads(threads)
     header = machine_header(args.device)
     print(" | ".join(f"{k}: {v}" for k, v in header.items()), flush=True)
+    if args.host_only:
+        rows = bench_host(args.device, quick=args.quick)
+        print_table(rows, HOST_COLUMNS)
+        if args.json:
+            write_json(args.json, {"header": header, "methods": METHODS, "rows": rows})
+        return
     ops_to_run = list(BENCHES) if args.op == "all" else [args.op]
-    copy_gbps, rows = run(ops_to_run, args.device, quick=args.quick)
-    print(f"copy bandwidth (floor for memory-bound ops): {copy_gbps:.1f} GB/s")
-    for op in ops_to_run:
+
+    def on_rows(rows):  # print and save after each op, so a run cut short still leaves its figures
+        op = rows[-1]["op"]
         print(f"\n== {op} ==")
-        print_table([r for r in rows if r["op"] == op], [c for c in COLUMNS if any(c in r for r in rows if r["op"] == op)])
+        done = [r for r in rows if r["op"] == op]
+        print_table(done, [c for c in COLUMNS if any(c in r for r in done)])
+        if args.json:
+            write_json(args.json, {"header": header, "methods": METHODS, "rows": rows})
+    copy_gbps, rows = run(ops_to_run, args.device, quick=args.quick, on_rows=on_rows)
+    print(f"\ncopy bandwidth (floor for memory-bound ops): {copy_gbps:.1f} GB/s")
+    print("methods:\n" + "\n".join(f"  {k}: {v}" for k, v in METHODS.items()))
     if args.json:
-        write_json(args.json, {"header": header, "copy_GBps": copy_gbps, "rows": rows})
+        write_json(args.json, {"header": header, "copy_GBps": copy_gbps, "methods": METHODS, "rows": rows})
 
 
 if __name__ == "__main__":
