@@ -13,6 +13,13 @@ TORCH_LIBRARY(moco_fast, m) {
   m.def("momentum_update_kernel_(Tensor(a!)[] params_k, Tensor[] params_q, Tensor? m_tensor, float m) -> ()");
   // queue[(ptr + i) % K] = keys[i] for i < B (the last K keys when B > K); ptr <- (ptr + B) % K.
   m.def("enqueue_kernel_(Tensor(a!) queue, Tensor(b!) ptr, Tensor keys) -> ()");
+  // The augmentation's per-pixel stages (CPU only; CUDA tensors take the Triton kernels): packed uint8 CHW
+  // images cropped and resized (antialiased bilinear) to (N, 3, size, size) fp32 in [0, 1]; then
+  // grayscale, ColorJitter in each sample's order, flip and normalisation written into out.
+  m.def("crop_resize_kernel(Tensor data, Tensor offsets, Tensor heights, Tensor widths, Tensor boxes, int size) "
+        "-> Tensor");
+  m.def("color_augment_kernel_(Tensor x, Tensor factors, Tensor order, Tensor jitter, Tensor gray, Tensor flip, "
+        "float[] mean, float[] std, bool gray_first, Tensor(a!) out) -> ()");
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {

@@ -108,7 +108,7 @@ def build_train_loader(cfg: Config, info: DistInfo, seed: int, out_dtype: torch.
         raise ConfigError(f"the data set has {len(dataset)} images, fewer than one batch of {cfg.batch_size}")
     sampler = EpochSampler(dataset, info, seed, per_rank)
     if gpu_aug:
-        backend = cfg.backend if cfg.backend in ("reference", "triton") else "auto"  # no C++ augment kernel
+        backend = "auto" if cfg.backend == "cuda" else cfg.backend  # no CUDA C++ augment kernel
         loader = gpu_data.make_gpu_train_loader(
             dataset, sampler, cfg.workers, info.device, recipe_name(cfg.aug_plus, spec["small"]), spec["image_size"],
             spec["mean"], spec["std"], out_dtype, cfg.channels_last, seed, info.rank, backend)

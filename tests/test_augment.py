@@ -13,8 +13,8 @@ from moco_fast.reference import color_augment_ref, crop_resize_ref
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 ORDERS = torch.tensor(list(itertools.permutations(range(4))))        # all 24 ColorJitter orders: 24x4
-# the Triton backend: interpreted on CPU tensors, compiled on CUDA; the C++ backends have no augment kernel
-KERNELS = [p for p in fast_backends("augment") if p.id.startswith("triton")]
+# the C++ CPU kernels, and Triton (interpreted on CPU tensors, compiled on CUDA); no CUDA C++ augment kernel
+KERNELS = [p for p in fast_backends("augment") if p.id != "cuda-cuda"]
 
 
 def packed_images(shapes, device="cpu"):
@@ -167,10 +167,9 @@ def test_augment_auto_and_errors():
     images, data, offsets, heights, widths = packed_images(SHAPES[:2])
     boxes = BOXES[:2]
     assert "augment" in ops.OPS and ops.available_backends()["augment"][0] == "reference"
-    for bad in ("cpu", "cuda"):
-        message = f"backend '{bad}' has no kernel for augment; use 'reference' or 'triton'"
-        with pytest.raises(RuntimeError, match=message):
-            ops.crop_resize(data, offsets, heights, widths, boxes, 4, backend=bad)
+    message = r"backend 'cuda' has no kernel for augment; use 'triton' \(CUDA tensors\), 'cpu' or 'reference'"
+    with pytest.raises(RuntimeError, match=message):
+        ops.crop_resize(data, offsets, heights, widths, boxes, 4, backend="cuda")
     with pytest.raises(ValueError, match=r"data must have dtype in \['torch.uint8'\]; got torch.float32"):
         ops.crop_resize(data.float(), offsets, heights, widths, boxes, 4)
     with pytest.raises(ValueError, match=r"boxes must be \(N, 4\) rows of .*; got shape \(2, 3\)"):
@@ -189,8 +188,8 @@ def test_augment_auto_and_errors():
     x = torch.rand(2, 3, 4, 4)
     factors, order, jitter, gray, flip = color_params(2)
     args = (factors, order, jitter, gray, flip, MEAN, STD, True)
-    with pytest.raises(RuntimeError, match="backend 'cpu' has no kernel for augment"):
-        ops.color_augment(x, *args, backend="cpu")
+    with pytest.raises(RuntimeError, match="backend 'cuda' has no kernel for augment"):
+        ops.color_augment(x, *args, backend="cuda")
     with pytest.raises(ValueError, match=r"x must be \(N, 3, H, W\); got shape \(2, 4, 4, 4\)"):
         ops.color_augment(torch.rand(2, 4, 4, 4), *args)
     with pytest.raises(ValueError, match=r"x must have dtype in .*; got torch.uint8"):

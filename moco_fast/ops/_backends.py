@@ -19,14 +19,14 @@ log = logging.getLogger("moco_fast")
 
 OPS = ("infonce", "momentum_update", "enqueue", "augment")
 BACKENDS = ("reference", "cpu", "cuda", "triton")
-TRITON_ONLY_OPS = ("augment",)  # no C++/CUDA kernel: the data path's per-pixel work is Triton's alone
+NO_CUDA_KERNEL = ("augment",)  # on CUDA tensors the data path's per-pixel work is Triton's alone
 # "auto" takes the first usable entry for the tensors' device type.
 AUTO_ORDER = {
     "cuda": {"infonce": ("triton", "cuda", "reference"),
              "momentum_update": ("cuda", "triton", "reference"),
              "enqueue": ("cuda", "triton", "reference"),
              "augment": ("triton", "reference")},
-    "cpu": {**{op: ("cpu", "reference") for op in OPS}, "augment": ("reference",)},
+    "cpu": {op: ("cpu", "reference") for op in OPS},
 }
 BUILD_HINT = ("build it from the checkout with `python setup.py build_ext --inplace` "
               "or `pip install --no-build-isolation -e .`")
@@ -69,8 +69,8 @@ def unusable_reason(op: str, backend: str, device_type: str) -> str | None:
     """None when `backend` can run `op` on tensors of `device_type`, else a message saying what is missing."""
     if backend == "reference":
         return None
-    if backend in ("cpu", "cuda") and op in TRITON_ONLY_OPS:
-        return f"backend '{backend}' has no kernel for {op}; use 'reference' or 'triton'"
+    if backend == "cuda" and op in NO_CUDA_KERNEL:
+        return f"backend 'cuda' has no kernel for {op}; use 'triton' (CUDA tensors), 'cpu' or 'reference'"
     if backend in ("cpu", "cuda"):
         ext, err = extension()
         if ext is None:

@@ -104,11 +104,24 @@ def _(queue, ptr, keys, backend):
 
 
 # ---------------------------------------------------------------------------------------- augment
-# No C++ kernel: the backends are "triton" and "reference" (_backends.unusable_reason says so).
+# Backends "triton" (CUDA tensors, or CPU ones in the interpreter), "cpu" (C++) and "reference"; no CUDA C++.
+
+def _crop_resize_cpu(data, offsets, heights, widths, boxes, size, max_taps_y, max_taps_x):
+    return torch.ops.moco_fast.crop_resize_kernel(data, offsets, heights, widths, boxes, size)
+
+
+def _color_augment_cpu(x, factors, order, jitter, gray, flip, mean, std, gray_first, out):
+    torch.ops.moco_fast.color_augment_kernel_(x, factors, order, jitter, gray, flip, mean, std, gray_first, out)
+
 
 def augment_kernel(name: str, backend: str):
-    """'crop_resize' or 'color_augment' of the Triton launchers (backend 'triton'), else None (reference)."""
-    return getattr(_backends.triton_kernels("augment"), name) if backend == "triton" else None
+    """The 'crop_resize' or 'color_augment' launcher of a backend ('triton', 'cpu'); None for the reference."""
+    if backend == "triton":
+        return getattr(_backends.triton_kernels("augment"), name)
+    if backend == "cpu":
+        _backends.extension()  # registers torch.ops.moco_fast.*
+        return {"crop_resize": _crop_resize_cpu, "color_augment": _color_augment_cpu}[name]
+    return None
 
 
 def crop_resize_taps(max_crop: int, size: int) -> int:
