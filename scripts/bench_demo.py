@@ -1,0 +1,70 @@
+"""The CPU demo's training throughput, before and after its levers, side by side in one run.
+
+Each configuration is the real trainer (`scripts/pretrain.py --preset demo`, Fashion-MNIST, the whole
+step: query encoder, momentum update, key encoder with split BN, fused InfoNCE, enqueue) run for
+--steps steps in a fresh process, the configurations interleaved --rounds times so a noisy machine
+weighs on all alike. The figure is the trainer's own img/s (data included), median of its logged
+windows after the first (warm-up), then the median over rounds.
+
+    python scripts/bench_demo.py                    # before / tensor data path / the demo now
+    python scripts/bench_demo.py --steps 60 --rounds 3 --json demo.json
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from moco_fast.benchmark import machine_header, print_table, write_json  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = {  # name: flags on top of --preset demo
+    "before (2026-11-27: small_resnet, PIL workers)": ["-a", "small_resnet", "--gpu-aug", "false", "-j", "1"],
+    "tensor data path (small_resnet)": ["-a", "small_resnet", "--gpu-aug", "true"],
+    "the demo now (small_resnet_s2, tensor data path)": [],
+}
+
+
+def run_once(flags: list[str], steps: int, data: str | None) -> float:
+    """The trainer's median img/s over its logged windows, the first one (warm-up) left out."""
+    with tempfile.TemporaryDirectory() as out:
+        cmd = [sys.executable, os.path.join(ROOT, "scripts", "pretrain.py"), *([data] if data else []),
+               "--preset", "demo", "--max-steps", str(steps), "--knn-every", "0", "-p", "10",
+               "--output-dir", out, *flags]
+        subprocess.run(cmd, check=True, capture_output=True, text=True)
+        with open(os.path.join(out, "metrics.jsonl")) as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+    speeds = [r["img_per_s"] for r in rows if r.get("kind") == "train"][1:]
+    if not speeds:
+        raise SystemExit(f"no throughput logged after the warm-up window: raise --steps (got {steps})")
+    return statistics.median(speeds)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("data", nargs="?", default=None, help="default: the demo's Fashion-MNIST")
+    parser.add_argument("--steps", type=int, default=40, help="training steps per run (logged every 10)")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    header = machine_header("cpu")
+    print(" | ".join(f"{k}: {v}" for k, v in header.items()), flush=True)
+    speeds = {name: [] for name in CONFIGS}
+    for _ in range(args.rounds):
+        for name, flags in CONFIGS.items():
+            speeds[name].append(run_once(flags, args.steps, args.data))
+            print(f"  {name}: {speeds[name][-1]:.0f} img/s", flush=True)
+    base = statistics.median(speeds[next(iter(CONFIGS))])
+    rows = [{"config": name, "img_per_s": round(statistics.median(v)), "vs_before": round(statistics.median(v) / base, 2),
+             "runs": [round(x) for x in v]} for name, v in speeds.items()]
+    print_table(rows, ["config", "img_per_s", "vs_before", "runs"])
+    if args.json:
+        write_json(args.json, {"header": header, "rows": rows})
+
+
+if __name__ == "__main__":
+    main()
