@@ -53,8 +53,10 @@ def get_world_size() -> int:
 
 
 def cleanup_distributed() -> None:
+    global _HOST_GROUP
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+    _HOST_GROUP = None
 
 
 @torch.no_grad()
@@ -65,3 +67,26 @@ def concat_all_gather(tensor: torch.Tensor) -> torch.Tensor:
     gathered = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
     dist.all_gather(gathered, tensor.contiguous())
     return torch.cat(gathered, dim=0)
+
+
+_HOST_GROUP = None
+
+
+def host_group():
+    """A gloo group over the same processes, for small host-side agreements (the stop flag, the resume
+    step): on it a collective never touches the GPU or waits for its stream, whatever the main backend."""
+    global _HOST_GROUP
+    if _HOST_GROUP is None and is_distributed():
+        _HOST_GROUP = dist.new_group(backend="gloo")
+    return _HOST_GROUP
+
+
+def agree_on_int(value: int, what: str) -> int:
+    """value, checked to be the same on every process (RuntimeError naming `what` otherwise)."""
+    if not is_distributed():
+        return value
+    t = torch.tensor([value, -value], dtype=torch.int64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=host_group())
+    if int(t[0]) != -int(t[1]):
+        raise RuntimeError(f"the processes disagree on {what}: between {-int(t[1])} and {int(t[0])}")
+    return value
