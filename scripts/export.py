@@ -48,7 +48,7 @@ def main(argv=None) -> int:
     p.add_argument("checkpoint", help="a scripts/pretrain.py checkpoint or an official MoCo one")
     p.add_argument("--out", required=True, help="the file to write (.pth for torchvision, .pkl for detectron2)")
     p.add_argument("-a", "--arch", choices=sorted(ARCHS), metavar="ARCH",
-                   help=f"the architecture, when the checkpoint names none (or to override it; one of {', '.join(sorted(ARCHS))}")
+                   help=f"the architecture, when the checkpoint names none (or to override it): one of {', '.join(sorted(ARCHS))}")
     p.add_argument("--format", choices=["torchvision", "detectron2"], default="torchvision")
     args = p.parse_args(argv)
     try:

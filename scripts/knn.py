@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--pixels", action="store_true", help="evaluate the raw pixels instead (the baseline)")
     p.add_argument("--preset", choices=sorted(PRESETS), help="its arch is used when the checkpoint names none")
     p.add_argument("-a", "--arch", choices=sorted(ARCHS), metavar="ARCH",
-                   help=f"the architecture (overrides the checkpoint's; one of {', '.join(sorted(ARCHS))}")
+                   help=f"the architecture (overrides the checkpoint's): one of {', '.join(sorted(ARCHS))}")
     p.add_argument("--dataset", default="auto", choices=["auto", *data.DATASETS])
     p.add_argument("--image-size", type=int, help="evaluation size (default: the data set's own, 224 for folders)")
     p.add_argument("--knn-k", type=int, default=200)
