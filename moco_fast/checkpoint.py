@@ -175,7 +175,7 @@ def describe_load_error(path: str, err: Exception) -> str:
         return _os_cause(e)
     if size == 0:
         return "the file is empty (0 bytes)"
-    unsafe = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
+    unsafe = re.search(r"(?:Unsupported global: |unsupported )GLOBAL ([\w.]+)", str(err))
     if unsafe:
         return (f"it holds a Python object ({unsafe.group(1)}) that is unsafe to unpickle; refused by "
                 "weights_only=True, nothing in it was run. Only load it if you trust its source, and "
