@@ -36,8 +36,20 @@ def setup_distributed(device: str | None = None, cuda_graph: bool = False) -> Di
     if world_size > 1 and not dist.is_initialized():
         if cuda_graph and use_cuda:
             os.environ["TORCH_NCCL_ASYNC_ERROR_HANDLING"] = "0"
-        dist.init_process_group("nccl" if use_cuda else "gloo", device_id=dev if use_cuda else None)
+        dist.init_process_group("nccl" if use_cuda else "gloo", device_id=dev if use_cuda else None,
+                                **_attempt_store())
     return DistInfo(rank, world_size, local_rank, dev)
+
+
+def _attempt_store() -> dict:
+    """Under torchrun, the group's store keys prefixed by the restart count: a group restarted by
+    --max-restarts otherwise reads the addresses its dead predecessor left in the agent's store and
+    fails to connect (gloo: "connectFullMesh failed ... Connection refused")."""
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt is None:
+        return {}
+    store, rank, world_size = next(dist.rendezvous("env://"))
+    return {"store": dist.PrefixStore(f"moco_fast/attempt{attempt}/", store), "rank": rank, "world_size": world_size}
 
 
 def is_distributed() -> bool:
