@@ -12,9 +12,6 @@ of step i and read at the end of step i + 1, and all of them stop after the step
 says so. On a GPU this costs no host synchronisation with the device and nothing inside a captured
 CUDA graph: the all-reduce is CPU work between the processes, hidden behind the next step (a stop
 therefore lands one step after the signal). One process needs no collective: the flag is read directly.
-
-While the handlers are installed SIGXFSZ is ignored as well, so a file-size limit (ulimit -f) makes a
-write fail with EFBIG, reported like a full disk, instead of killing the process.
 """
 from __future__ import annotations
 
@@ -47,8 +44,8 @@ class StopRequest:
 
     def __enter__(self) -> "StopRequest":
         if threading.current_thread() is threading.main_thread():  # Python allows handlers only there
-            for sig in (*SIGNALS, signal.SIGXFSZ):
-                self._previous[sig] = signal.signal(sig, signal.SIG_IGN if sig == signal.SIGXFSZ else self._handle)
+            for sig in SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
     def __exit__(self, *exc) -> None:
