@@ -1,6 +1,7 @@
 """What a user or a cluster can do to a run, on real processes, signals and files: bad checkpoints, a
 preemption signal (one process, and one rank under torchrun), a rank killed with kill -9 under
 torchrun --max-restarts, a full disk, configuration errors. None of it loses work or ends in a traceback."""
+import contextlib
 import json
 import os
 import pathlib
@@ -24,15 +25,23 @@ STEPS = 8  # 2 steps per epoch (32 images, batch 16): the runs cross epoch bound
 RUN = [*FAST, "--epochs", "5", "-j", "0", "--checkpoint-minutes", "0"]  # a checkpoint after every step
 
 
+@contextlib.contextmanager
 def launch(*args, nproc: int = 0, **popen):
-    """scripts/pretrain.py as a running process (under torchrun when nproc) whose stdout goes to a file."""
+    """scripts/pretrain.py as a running process (under torchrun when nproc), stdout and stderr together;
+    in its own session, which is killed on the way out, so a test that fails leaves no process behind."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     launcher = [sys.executable]
     if nproc:
         launcher += ["-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
                      f"--master_port={free_port()}", *popen.pop("torchrun_args", [])]
-    return subprocess.Popen([*launcher, str(ROOT / "scripts" / "pretrain.py"), *args], env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **popen)
+    proc = subprocess.Popen([*launcher, str(ROOT / "scripts" / "pretrain.py"), *args], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True, **popen)
+    try:
+        yield proc
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
 
 
 def wait_for_step(out: pathlib.Path, step: int, proc, timeout: float = 300) -> None:
@@ -147,11 +156,10 @@ def test_ctrl_c_finishes_the_step_and_the_resumed_run_is_bitwise(tmp_path, whole
     data, ref = whole
     out = tmp_path / "run"
     # Ctrl-C reaches the whole process group: the trainer and its two loader workers
-    proc = launch(str(data), *RUN, "-j", "2", "--max-steps", str(STEPS), "--output-dir", str(out),
-                  start_new_session=True)
-    wait_for_step(out, 2, proc)
-    os.killpg(proc.pid, signal.SIGINT)
-    log = proc.communicate(timeout=300)[0]
+    with launch(str(data), *RUN, "-j", "2", "--max-steps", str(STEPS), "--output-dir", str(out)) as proc:
+        wait_for_step(out, 2, proc)
+        os.killpg(proc.pid, signal.SIGINT)
+        log = proc.communicate(timeout=300)[0]
     assert proc.returncode == 128 + signal.SIGINT and "Traceback" not in log, log[-3000:]
     stopped = torch.load(out / "checkpoint.pth", weights_only=True)["global_step"]
     assert 2 <= stopped < STEPS and f"stopped by SIGINT after step {stopped}" in log
@@ -166,10 +174,10 @@ def test_ctrl_c_finishes_the_step_and_the_resumed_run_is_bitwise(tmp_path, whole
 def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step(tmp_path, whole):
     data, _ = whole
     out = tmp_path / "ddp"
-    proc = launch(str(data), *RUN, "--max-steps", "40", "--epochs", "20", "--output-dir", str(out), nproc=2)
-    wait_for_step(out, 2, proc)
-    os.kill(worker_pid(proc.pid, 1), signal.SIGTERM)  # rank 1 only: rank 0 learns it from the all-reduce
-    log = proc.communicate(timeout=300)[0]
+    with launch(str(data), *RUN, "--max-steps", "40", "--epochs", "20", "--output-dir", str(out), nproc=2) as proc:
+        wait_for_step(out, 2, proc)
+        os.kill(worker_pid(proc.pid, 1), signal.SIGTERM)  # rank 1 only: rank 0 learns it from the all-reduce
+        log = proc.communicate(timeout=300)[0]
     stopped = torch.load(out / "checkpoint.pth", weights_only=True)["global_step"]
     assert f"stopped by SIGTERM after step {stopped}" in log and "all 2 process(es) at the same step" in log, log[-4000:]
     assert "peer process failed" not in log and stopped < 40
@@ -180,11 +188,11 @@ def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step(tmp_path, whole):
 def test_torchrun_restarts_after_kill_9_and_the_log_has_every_step_once(tmp_path, whole):
     data, _ = whole
     out = tmp_path / "restart"
-    proc = launch(str(data), *RUN, "--max-steps", str(STEPS), "--resume", "auto", "--output-dir", str(out),
-                  nproc=2, torchrun_args=["--max-restarts=1"])
-    wait_for_step(out, 3, proc)
-    os.kill(worker_pid(proc.pid, 1), signal.SIGKILL)
-    log = proc.communicate(timeout=400)[0]
+    with launch(str(data), *RUN, "--max-steps", str(STEPS), "--resume", "auto", "--output-dir", str(out),
+                nproc=2, torchrun_args=["--max-restarts=1"]) as proc:
+        wait_for_step(out, 3, proc)
+        os.kill(worker_pid(proc.pid, 1), signal.SIGKILL)
+        log = proc.communicate(timeout=300)[0]
     assert proc.returncode == 0, log[-4000:]
     assert "resumed from" in log  # the restarted group continued from the last checkpoint
     lines = (out / "metrics.jsonl").read_text().splitlines(keepends=True)
