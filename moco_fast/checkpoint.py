@@ -1,47 +1,233 @@
-"""Checkpoints written atomically (temp file, fsync, rename) and loadable with weights_only=True.
+"""Checkpoints: the one atomic writer and the one loader every script goes through.
 
 A checkpoint holds everything a run needs to continue bitwise where it stopped on the CPU: model
-(queue and pointer included), optimizer, epoch and step, the RNG states of Python, NumPy, torch and
-CUDA, and the resolved config.
+(queue and pointer included), optimizer, position, the RNG states of Python, NumPy, torch and
+CUDA, and the resolved config. Writing goes to a temp file that is fsynced and read back before it
+is renamed over the old one, so a crash, a full disk or an unloadable object never replaces a good
+checkpoint. Loading is torch.load(weights_only=True) only: nothing in a file can run code, and
+whatever is wrong with a file (missing, empty, truncated, not a checkpoint, unsafe to unpickle,
+from another program) is one CheckpointError naming the file and the cause.
 """
 from __future__ import annotations
 
+import errno
+import glob
 import os
+import pickle
 import random
+import re
 import tempfile
 
 import numpy as np
 import torch
 
+TEMP_PREFIX = ".tmp-"
 
-def save_atomic(obj: dict, path: str) -> None:
-    """Write obj to path so that a crash leaves either the old file or the new one, never half of one."""
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message names the file and what is wrong with it."""
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint that could not be written; the previous one is untouched and no temp file is left."""
+
+
+# ------------------------------------------------------------------------------------------ write
+def save_atomic(obj: dict, path: str, keep_previous: str | None = None) -> None:
+    """Write obj to path so that a crash leaves either the old file or the new one, never half of one.
+
+    The new file is read back (weights_only=True) before it replaces the old one: an object that
+    torch.save accepts but a safe load refuses never costs the last good checkpoint. keep_previous:
+    the old file is moved there first, so a checkpoint damaged later still leaves one to resume from.
+    """
     directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pth", dir=directory)
+    tmp = None
     try:
+        os.makedirs(directory, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=".pth", dir=directory)
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            _save(obj, f)
             f.flush()
             os.fsync(f.fileno())
+        _read_back(tmp, path, obj)
+        if keep_previous and os.path.isfile(path):
+            os.replace(path, keep_previous)
         os.replace(tmp, path)
-        dir_fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)  # the rename itself survives a power cut
-        finally:
-            os.close(dir_fd)
-    except BaseException:
-        if os.path.exists(tmp):
+        _fsync_dir(directory)
+    except CheckpointWriteError:
+        raise
+    except OSError as err:
+        raise CheckpointWriteError(f"cannot write the checkpoint {path}: {_os_cause(err)}; "
+                                   "the previous checkpoint is kept") from None
+    except RuntimeError as err:  # torch.save reports a failed write of its zip writer this way
+        raise CheckpointWriteError(f"cannot write the checkpoint {path}: {_first_line(err)}; "
+                                   "the previous checkpoint is kept") from None
+    finally:
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
+
+
+class _Recorded:
+    """A file that remembers the OSError (ENOSPC, EFBIG) a write raised: torch.save swallows it and
+    reports only an offset mismatch of its zip writer."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as err:
+            self.error = err
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def _save(obj: dict, f) -> None:
+    recorded = _Recorded(f)
+    try:
+        torch.save(obj, recorded)
+    except RuntimeError:
+        if recorded.error is not None:
+            raise recorded.error from None
         raise
 
 
-def load(path: str, map_location="cpu") -> dict:
-    if not os.path.isfile(path):
+def _read_back(tmp: str, path: str, obj: dict) -> None:
+    # mmap: the archive's directory and every pickle are read, the tensor bytes only mapped (cheap)
+    try:
+        back = torch.load(tmp, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:
+        raise CheckpointWriteError(f"the checkpoint written for {path} does not load back: "
+                                   f"{describe_load_error(tmp, err)}; it was not kept, the previous "
+                                   "checkpoint is untouched") from None
+    if not isinstance(back, dict) or back.keys() != obj.keys():
+        raise CheckpointWriteError(f"the checkpoint written for {path} reads back other keys than were "
+                                   "written; it was not kept, the previous checkpoint is untouched")
+
+
+def _fsync_dir(directory: str) -> None:
+    dir_fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # the rename itself survives a power cut
+    finally:
+        os.close(dir_fd)
+
+
+def _os_cause(err: OSError) -> str:
+    if not err.errno:
+        return str(err)
+    return f"{err.strerror} ({errno.errorcode.get(err.errno, err.errno)})"  # e.g. No space left on device (ENOSPC)
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
+
+
+def write_text_atomic(path: str, text: str) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=directory)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def remove_stale_temps(directory: str) -> list[str]:
+    """Temp files a killed writer (kill -9, power cut) left behind; only this run's writer makes them."""
+    stale = glob.glob(os.path.join(glob.escape(directory), TEMP_PREFIX + "*"))
+    for path in stale:
+        os.unlink(path)
+    return stale
+
+
+# ------------------------------------------------------------------------------------------- read
+def load(path: str, map_location="cpu", mmap: bool = False):
+    """torch.load(path, weights_only=True); FileNotFoundError when absent, CheckpointError for the rest."""
+    if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    return torch.load(path, map_location=map_location, weights_only=True)
+    if os.path.isdir(path):
+        raise CheckpointError(f"cannot read {path}: it is a directory, not a checkpoint file")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except Exception as err:  # torch.load raises anything from EOFError to OSError(EINVAL) for a bad file
+        raise CheckpointError(f"cannot read {path}: {describe_load_error(path, err)}") from None
 
 
+def describe_load_error(path: str, err: Exception) -> str:
+    """What torch.load's exception says about the file, in one sentence."""
+    if isinstance(err, PermissionError):
+        return "permission denied"
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+        size = os.path.getsize(path)
+    except OSError as e:
+        return _os_cause(e)
+    if size == 0:
+        return "the file is empty (0 bytes)"
+    unsafe = re.search(r"(?:Unsupported global: |unsupported )GLOBAL ([\w.]+)", str(err))
+    if unsafe:
+        return (f"it holds a Python object ({unsafe.group(1)}) that is unsafe to unpickle; refused by "
+                "weights_only=True, nothing in it was run. Only load it if you trust its source, and "
+                "convert it to plain tensors")
+    if head == b"PK\x03\x04":  # torch.save's zip archive whose end (its directory) is missing or damaged
+        return f"it is truncated or damaged ({size} bytes; an incomplete torch.save archive: {_short(err)})"
+    if isinstance(err, pickle.UnpicklingError) and head[:1] == b"\x80":
+        return ("it is a plain pickle that weights_only=True cannot read safely (not torch.save's format, "
+                f"or Python objects beyond tensors: {_short(err)})")
+    return f"it is not a torch checkpoint (it starts with the bytes {head!r}: {_short(err)})"
+
+
+def _short(err: Exception) -> str:
+    text = str(err)
+    m = re.search(r"WeightsUnpickler error: \s*(.+)", text)
+    line = m.group(1).strip().splitlines()[0] if m else _first_line(err)
+    return line.split(". This is an internal miniz error")[0] if line else type(err).__name__
+
+
+def load_checkpoint(path: str, required: tuple, what: str, mmap: bool = False) -> dict:
+    """load(path), then CheckpointError unless it is a dict with every key in `required` (`what` names
+    the program that writes such checkpoints, for the message)."""
+    ck = load(path, mmap=mmap)
+    if not isinstance(ck, dict):
+        raise CheckpointError(f"cannot use {path}: it holds a {type(ck).__name__}, not {what}")
+    missing = [k for k in required if k not in ck]
+    if missing:
+        raise CheckpointError(f"cannot use {path}: it is not {what} (it lacks {missing}; its keys are "
+                              f"{sorted(ck)[:10]}); a file from another program?")
+    return ck
+
+
+def newest_loadable(paths: list[str], required: tuple, what: str, position) -> tuple[str | None, dict | None, list]:
+    """Among paths (those that exist), the checkpoint furthest along (position(ck), then the newest
+    file) that loads; returns (path, checkpoint, [(skipped path, why)]). Candidates are read with
+    mmap, so looking at every one of them costs little; the winner is read in full."""
+    found, skipped = [], []
+    for path in paths:
+        if not os.path.isfile(path):
+            continue
+        try:
+            ck = load_checkpoint(path, required, what, mmap=True)
+            found.append(((position(ck), os.path.getmtime(path)), path))
+        except CheckpointError as err:
+            skipped.append((path, str(err)))
+    if not found:
+        return None, None, skipped
+    _, best = max(found)
+    return best, load_checkpoint(best, required, what), skipped
+
+
+# -------------------------------------------------------------------------------------------- rng
 def rng_state() -> dict:
     """Every random number generator a step touches, in types weights_only loading accepts."""
     np_state = np.random.get_state()
@@ -69,14 +255,3 @@ def set_rng_state(state: dict) -> None:
 def _as_tuples(x):
     # random.setstate wants tuples; a round trip through some serialisers turns them into lists
     return tuple(_as_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x
-
-
-def write_text_atomic(path: str, text: str) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

@@ -9,7 +9,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 from typing import Optional
+
+from moco_fast.encoders import ARCHS
 
 
 class ConfigError(ValueError):
@@ -93,6 +96,14 @@ PRESETS = {
 }
 
 
+# the choices of the flags that name something, checked for configs built in Python too
+DATASET_CHOICES = ["auto", "imagefolder", "cifar10", "cifar100", "stl10", "mnist", "fashion-mnist"]
+AMP_CHOICES = ["auto", "bf16", "off"]
+QUEUE_DTYPES = ["float32", "bfloat16"]
+BACKENDS = ["auto", "reference", "cpu", "cuda", "triton"]
+DEVICES = ["auto", "cuda", "cpu"]
+
+
 def _str2bool(v: str) -> bool:
     if v.lower() in ("1", "true", "yes", "on"):
         return True
@@ -105,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="MoCo pretraining (torchrun scripts/pretrain.py ...)")
     p.add_argument("data", nargs="?", default=None, help="data path; omitted: the Fashion-MNIST demo")
     p.add_argument("--preset", choices=sorted(PRESETS), help="a recipe; explicit flags override it")
-    p.add_argument("-a", "--arch")
+    p.add_argument("-a", "--arch", choices=sorted(ARCHS), metavar="ARCH", help=f"one of {', '.join(sorted(ARCHS))}")
     p.add_argument("-j", "--workers", type=int)
     p.add_argument("--epochs", type=int)
     p.add_argument("--start-epoch", type=int)
@@ -124,27 +135,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mlp", action="store_const", const=True)
     p.add_argument("--aug-plus", action="store_const", const=True)
     p.add_argument("--cos", action="store_const", const=True)
-    p.add_argument("--dataset", choices=["auto", "imagefolder", "cifar10", "cifar100", "stl10", "mnist",
-                                         "fashion-mnist"])
+    p.add_argument("--dataset", choices=DATASET_CHOICES)
     p.add_argument("--image-size", type=int, help="crop size (default: the data set's own, 224 for folders)")
     p.add_argument("--output-dir")
     p.add_argument("--max-steps", type=int)
     p.add_argument("--compile", type=_str2bool, metavar="BOOL")
     p.add_argument("--no-compile", dest="compile", action="store_const", const=False)
-    p.add_argument("--amp", choices=["auto", "bf16", "off"])
+    p.add_argument("--amp", choices=AMP_CHOICES)
     p.add_argument("--channels-last", type=_str2bool, metavar="BOOL")
     p.add_argument("--bn-splits", type=int)
     p.add_argument("--symmetric", action="store_const", const=True)
-    p.add_argument("--queue-dtype", choices=["float32", "bfloat16"])
+    p.add_argument("--queue-dtype", choices=QUEUE_DTYPES)
     p.add_argument("--moco-m-cos", action="store_const", const=True)
-    p.add_argument("--backend", choices=["auto", "reference", "cpu", "cuda", "triton"])
+    p.add_argument("--backend", choices=BACKENDS)
     p.add_argument("--checkpoint-minutes", type=float)
     p.add_argument("--save-every", type=int)
     p.add_argument("--knn-every", type=int)
     p.add_argument("--knn-k", type=int)
     p.add_argument("--knn-t", type=float)
     p.add_argument("--max-bad-images", type=int)
-    p.add_argument("--device", choices=["auto", "cuda", "cpu"])
+    p.add_argument("--device", choices=DEVICES)
     p.add_argument("--gpu-aug", type=_str2bool, metavar="BOOL",
                    help="decode JPEGs and augment on the device (default: on when CUDA is available)")
     p.add_argument("--cuda-graph", action="store_const", const=True,
@@ -153,8 +163,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_config(argv=None) -> Config:
-    """Defaults, then the preset (the demo's when no data is given), then the flags given."""
-    args = vars(build_parser().parse_args(argv))
+    """Defaults, then the preset (the demo's when no data is given), then the flags given. A bad value or
+    combination is argparse's error (usage, the valid choices, exit 2) before anything is read or built."""
+    parser = build_parser()
+    args = vars(parser.parse_args(argv))
     preset = args.get("preset") or (None if args.get("data") else "demo")
     values = dict(PRESETS.get(preset, {}))
     values.update({k: v for k, v in args.items() if v is not None})
@@ -162,15 +174,29 @@ def parse_config(argv=None) -> Config:
     if "schedule" in values:
         values["schedule"] = tuple(values["schedule"])
     cfg = Config(**values)
-    validate(cfg)
+    try:
+        validate(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+    except ConfigError as err:
+        parser.error(str(err))
     return cfg
 
 
-def validate(cfg: Config) -> None:
-    problems = []
-    for name in ("epochs", "batch_size", "moco_dim", "moco_k", "print_freq", "bn_splits"):
+_NAMED = {"arch": sorted(ARCHS), "dataset": DATASET_CHOICES, "amp": AMP_CHOICES, "queue_dtype": QUEUE_DTYPES,
+          "backend": BACKENDS, "device": DEVICES}
+
+
+def validate(cfg: Config, world_size: int = 1) -> None:
+    """Every problem of the config alone (names, ranges, sizes that cannot divide), in one ConfigError."""
+    problems = [f"--{name.replace('_', '-')} {getattr(cfg, name)!r} is not one of {choices}"
+                for name, choices in _NAMED.items() if getattr(cfg, name) not in choices]
+    for name in ("epochs", "batch_size", "moco_dim", "moco_k", "print_freq", "bn_splits", "knn_k"):
         if getattr(cfg, name) < 1:
             problems.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
+    for name in ("workers", "save_every", "knn_every", "max_bad_images", "checkpoint_minutes"):
+        if getattr(cfg, name) < 0:
+            problems.append(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
+    if cfg.image_size is not None and cfg.image_size < 8:
+        problems.append(f"--image-size must be >= 8 (pixels), got {cfg.image_size}")
     if not 0.0 <= cfg.moco_m <= 1.0:
         problems.append(f"--moco-m must be in [0, 1], got {cfg.moco_m}")
     if cfg.moco_t <= 0 or cfg.lr <= 0:
@@ -179,5 +205,28 @@ def validate(cfg: Config) -> None:
         problems.append(f"--max-steps must be >= 0, got {cfg.max_steps}")
     if cfg.cuda_graph and cfg.device == "cpu":
         problems.append("--cuda-graph needs a CUDA device, and --device cpu was given")
+    problems += _batch_problems(cfg, world_size)
     if problems:
         raise ConfigError("bad configuration: " + "; ".join(problems))
+
+
+def _batch_problems(cfg: Config, world_size: int) -> list[str]:
+    if cfg.batch_size < 1 or cfg.bn_splits < 1:
+        return []
+    if cfg.batch_size % world_size:
+        return [f"--batch-size {cfg.batch_size} (global) is not divisible by the {world_size} processes; "
+                f"choose a multiple of {world_size}"]
+    per_rank = cfg.batch_size // world_size
+    if per_rank % cfg.bn_splits:
+        return [f"--bn-splits {cfg.bn_splits} does not divide the batch of {per_rank} per process "
+                f"(--batch-size {cfg.batch_size} over {world_size} process(es))"]
+    return []
+
+
+def check_data_fits(cfg: Config, images: int, world_size: int) -> None:
+    """The data set against the config, once its size is known (its files listed, none read)."""
+    if images < cfg.batch_size:
+        source = f"preset {cfg.preset}" if cfg.preset else "the defaults"
+        raise ConfigError(f"the data set {cfg.data or '(the demo data)'} has {images} training images, fewer than "
+                          f"one batch of --batch-size {cfg.batch_size} (from the flags or {source}); "
+                          f"choose --batch-size between {world_size} and {images - images % world_size}")

@@ -36,8 +36,20 @@ def setup_distributed(device: str | None = None, cuda_graph: bool = False) -> Di
     if world_size > 1 and not dist.is_initialized():
         if cuda_graph and use_cuda:
             os.environ["TORCH_NCCL_ASYNC_ERROR_HANDLING"] = "0"
-        dist.init_process_group("nccl" if use_cuda else "gloo", device_id=dev if use_cuda else None)
+        dist.init_process_group("nccl" if use_cuda else "gloo", device_id=dev if use_cuda else None,
+                                **_attempt_store())
     return DistInfo(rank, world_size, local_rank, dev)
+
+
+def _attempt_store() -> dict:
+    """Under torchrun, the group's store keys prefixed by the restart count: a group restarted by
+    --max-restarts otherwise reads the addresses its dead predecessor left in the agent's store and
+    fails to connect (gloo: "connectFullMesh failed ... Connection refused")."""
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt is None:
+        return {}
+    store, rank, world_size = next(dist.rendezvous("env://"))
+    return {"store": dist.PrefixStore(f"moco_fast/attempt{attempt}/", store), "rank": rank, "world_size": world_size}
 
 
 def is_distributed() -> bool:
@@ -53,8 +65,10 @@ def get_world_size() -> int:
 
 
 def cleanup_distributed() -> None:
+    global _HOST_GROUP
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+    _HOST_GROUP = None
 
 
 @torch.no_grad()
@@ -65,3 +79,26 @@ def concat_all_gather(tensor: torch.Tensor) -> torch.Tensor:
     gathered = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
     dist.all_gather(gathered, tensor.contiguous())
     return torch.cat(gathered, dim=0)
+
+
+_HOST_GROUP = None
+
+
+def host_group():
+    """A gloo group over the same processes, for small host-side agreements (the stop flag, the resume
+    step): on it a collective never touches the GPU or waits for its stream, whatever the main backend."""
+    global _HOST_GROUP
+    if _HOST_GROUP is None and is_distributed():
+        _HOST_GROUP = dist.new_group(backend="gloo")
+    return _HOST_GROUP
+
+
+def agree_on_int(value: int, what: str) -> int:
+    """value, checked to be the same on every process (RuntimeError naming `what` otherwise)."""
+    if not is_distributed():
+        return value
+    t = torch.tensor([value, -value], dtype=torch.int64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=host_group())
+    if int(t[0]) != -int(t[1]):
+        raise RuntimeError(f"the processes disagree on {what}: between {-int(t[1])} and {int(t[0])}")
+    return value

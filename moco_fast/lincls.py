@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import itertools
 import os
 from typing import Optional
 
@@ -21,8 +22,10 @@ import torch.nn.functional as F
 from torchvision import transforms
 
 from moco_fast import checkpoint, data
+from moco_fast.encoders import ARCHS
 from moco_fast.evaluate import extract_features
 from moco_fast.monitor import RunLog, plot_run
+from moco_fast.preemption import Stopped, StopRequest
 
 
 class BackboneChanged(RuntimeError):
@@ -68,8 +71,8 @@ def parse_args(argv=None) -> LinclsConfig:
     p.add_argument("data", nargs="?", default=None, help="data path; omitted: the Fashion-MNIST demo data")
     p.add_argument("--pretrained", help="checkpoint of scripts/pretrain.py or an official MoCo release")
     p.add_argument("--preset", choices=sorted(PRESETS))
-    p.add_argument("-a", "--arch")
-    p.add_argument("--dataset")
+    p.add_argument("-a", "--arch", choices=sorted(ARCHS), metavar="ARCH", help=f"one of {', '.join(sorted(ARCHS))}")
+    p.add_argument("--dataset", choices=["auto", *data.DATASETS])
     p.add_argument("--image-size", type=int)
     p.add_argument("--epochs", type=int)
     p.add_argument("-b", "--batch-size", type=int)
@@ -93,20 +96,27 @@ def parse_args(argv=None) -> LinclsConfig:
     if cfg.baseline:
         cfg.pretrained = None
     elif not cfg.pretrained:
-        raise ValueError("--pretrained is required: a checkpoint of scripts/pretrain.py or an official MoCo one")
+        p.error("--pretrained is required: a checkpoint of scripts/pretrain.py or an official MoCo one")
     if cfg.baseline == "untrained" and not cfg.arch:
-        raise ValueError("--baseline untrained needs --arch")
+        p.error(f"--baseline untrained needs --arch, one of {sorted(ARCHS)}")
+    for name in ("epochs", "batch_size"):
+        if getattr(cfg, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
+    if cfg.lr <= 0 or cfg.workers < 0:
+        p.error(f"--lr must be positive and -j/--workers >= 0, got {cfg.lr} and {cfg.workers}")
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if cfg.batch_size % world_size:
+        p.error(f"-b/--batch-size {cfg.batch_size} (global) is not divisible by the {world_size} processes")
     return cfg
 
 
 def baseline_backbone(cfg: LinclsConfig) -> tuple[nn.Module, int]:
     """Raw pixels (flattened) or a randomly initialised encoder, with its feature size."""
-    from moco_fast.encoders import get_encoder
     size = data.image_spec(cfg.data, cfg.dataset, cfg.image_size)["image_size"]
     if cfg.baseline == "pixels":
         return nn.Flatten(), 3 * size * size
     torch.manual_seed(0)
-    encoder = get_encoder(cfg.arch)()
+    encoder = ARCHS[cfg.arch]()
     encoder.fc = nn.Identity()
     with torch.no_grad():
         dim = encoder.eval()(torch.zeros(2, 3, size, size)).shape[1]
@@ -153,32 +163,92 @@ def evaluate(backbone, fc, loader, device) -> dict:
     return {"acc1": 100.0 * hits1 / total, "acc5": 100.0 * hits5 / total}
 
 
+LINCLS_KEYS = ("fc", "optimizer", "epoch", "rng", "config")
+LINCLS_WHAT = "a checkpoint of scripts/lincls.py"
+
+
+def find_resume(cfg, say=print) -> tuple[str | None, dict | None]:
+    """(path, checkpoint) to continue from: --resume PATH must load; --resume auto takes the newest of
+    checkpoint.pth and checkpoint_prev.pth that loads (None: a fresh run) and says what it skipped."""
+    if not cfg.resume:
+        return None, None
+    if cfg.resume != "auto":
+        return cfg.resume, checkpoint.load_checkpoint(cfg.resume, LINCLS_KEYS, LINCLS_WHAT)
+    paths = [os.path.join(cfg.output_dir, name) for name in ("checkpoint.pth", "checkpoint_prev.pth")]
+    path, ck, skipped = checkpoint.newest_loadable(paths, LINCLS_KEYS, LINCLS_WHAT, position=_position)
+    for _, why in skipped:
+        say(f"--resume auto: skipped {why}")
+    if path is None and skipped:
+        raise checkpoint.CheckpointError(f"--resume auto: no checkpoint in {cfg.output_dir} loads (above)")
+    return path, ck
+
+
+def _position(ck: dict) -> tuple[int, int]:
+    return ck["epoch"], ck.get("step_in_epoch", 0)
+
+
+class SkipBatches(torch.utils.data.Sampler):
+    """A sampler without the first `skip_batches` batches of its epoch: a resumed epoch starts where it
+    stopped, and the images skipped are never loaded nor augmented (their random draws are not repeated)."""
+
+    def __init__(self, inner, batch_size: int):
+        self.inner, self.batch_size, self.skip_batches = inner, batch_size, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        if hasattr(self.inner, "set_epoch"):
+            self.inner.set_epoch(epoch)
+
+    def __iter__(self):
+        return itertools.islice(iter(self.inner), self.skip_batches * self.batch_size, None)
+
+    def __len__(self):
+        return max(0, len(self.inner) - self.skip_batches * self.batch_size)
+
+
+def resumable(loader: torch.utils.data.DataLoader) -> torch.utils.data.DataLoader:
+    """The same loader over a SkipBatches of its sampler."""
+    return torch.utils.data.DataLoader(
+        loader.dataset, batch_size=loader.batch_size, sampler=SkipBatches(loader.sampler, loader.batch_size),
+        num_workers=loader.num_workers, collate_fn=loader.collate_fn, pin_memory=loader.pin_memory,
+        drop_last=loader.drop_last, persistent_workers=loader.persistent_workers,
+        worker_init_fn=loader.worker_init_fn)
+
+
+def _start_epoch(loader, epoch: int, skip_batches: int) -> None:
+    sampler = getattr(loader, "sampler", loader)  # TensorBatches is its own sampler
+    if hasattr(sampler, "set_epoch"):
+        sampler.set_epoch(epoch)  # a new order each epoch, a function of (seed, epoch): resumable
+    if hasattr(sampler, "skip_batches"):
+        sampler.skip_batches = skip_batches
+    elif skip_batches:
+        raise ValueError("this training loader cannot start an epoch mid-way (wrap it with resumable())")
+
+
 def train_linear(cfg, backbone, feature_dim: int, train_loader, val_loader, num_classes: int, device,
-                 log: RunLog, cached: bool, is_main: bool = True) -> dict:
-    """The official schedule over `cfg.epochs`; resumable from cfg.output_dir/checkpoint.pth. Under a
-    process group the head is DDP-wrapped (each process reads its shard); rank 0 logs and saves."""
+                 log: RunLog, cached: bool, is_main: bool = True, resume: tuple = (None, None),
+                 stop: StopRequest | None = None) -> dict:
+    """The official schedule over `cfg.epochs`, from resume = (path, checkpoint) when given. Under a
+    process group the head is DDP-wrapped (each process reads its shard); rank 0 logs and saves. A stop
+    request ends the run after the current step with a checkpoint of it (Stopped)."""
     torch.manual_seed(cfg.seed)  # the head's initialisation, the same on every process
     fc = new_head(feature_dim, num_classes).to(device)
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     model = nn.parallel.DistributedDataParallel(fc) if distributed else fc
     opt = torch.optim.SGD(fc.parameters(), lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
     bf16 = torch.device(device).type == "cuda"
-    start, path, best = 0, os.path.join(cfg.output_dir, "checkpoint.pth"), {}
-    if cfg.resume and os.path.isfile(path if cfg.resume == "auto" else cfg.resume):
-        ck = checkpoint.load(path if cfg.resume == "auto" else cfg.resume)
-        fc.load_state_dict(ck["fc"])
-        opt.load_state_dict(ck["optimizer"])
-        start, best = ck["epoch"], ck.get("best", {})
-        checkpoint.set_rng_state(ck["rng"])
-        log.info(f"resumed at epoch {start}")
-    step = start * len(train_loader)
+    path, steps_per_epoch = os.path.join(cfg.output_dir, "checkpoint.pth"), len(train_loader)
+    start, skip, best = _restore(fc, opt, *resume, log)
+    save = lambda epoch, done, best: is_main and checkpoint.save_atomic(  # noqa: E731
+        {"fc": fc.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch, "step_in_epoch": done,
+         "best": best, "rng": checkpoint.rng_state(), "config": cfg.to_dict()},
+        path, keep_previous=os.path.join(cfg.output_dir, "checkpoint_prev.pth"))
+    result = best
     for epoch in range(start, cfg.epochs):
         for group in opt.param_groups:
             group["lr"] = lr_at(cfg, epoch)
-        sampler = getattr(train_loader, "sampler", train_loader)
-        if hasattr(sampler, "set_epoch"):
-            sampler.set_epoch(epoch)  # a new order each epoch, a function of (seed, epoch): resumable
-        log.start_epoch(epoch, len(train_loader))
+        _start_epoch(train_loader, epoch, skip)
+        step, done = epoch * steps_per_epoch + skip, skip
+        log.start_epoch(epoch, steps_per_epoch, skip)
         for batch in train_loader:
             x, y = batch[0].to(device, non_blocking=True), torch.as_tensor(batch[1]).to(device)
             with torch.no_grad(), torch.autocast(torch.device(device).type, torch.bfloat16, enabled=bf16):
@@ -187,18 +257,49 @@ def train_linear(cfg, backbone, feature_dim: int, train_loader, val_loader, num_
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            step += 1
+            step, done = step + 1, done + 1
             log.advance()
+            if stop is not None and stop.should_stop() and done < steps_per_epoch:
+                _stop_mid_epoch(save, log, stop, epoch, done, step, best)
         log.end_epoch()
+        skip = 0
         result = evaluate(None if cached else backbone, fc, val_loader, device)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"the linear head's loss is {loss.item()} in epoch {epoch}")
         best = max(best, result, key=lambda r: r.get("acc1", -1)) if best else result
         log.record("lincls", step, {"epoch": epoch + 1, "loss": loss.item(), "lr": lr_at(cfg, epoch), **result})
-        if is_main:
-            checkpoint.save_atomic({"fc": fc.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1,
-                                "best": best, "rng": checkpoint.rng_state(), "config": cfg.to_dict()}, path)
-    return {"last": result if cfg.epochs > start else best, "best": best}
+        save(epoch + 1, 0, best)
+        if stop is not None and stop.agreed:
+            _stop_mid_epoch(save, log, stop, epoch + 1, 0, step, best, saved=True)
+    return {"last": result, "best": best}
+
+
+def _restore(fc, opt, path, ck, log) -> tuple[int, int, dict]:
+    """(first epoch, batches of it already done, best result so far) from a lincls checkpoint."""
+    if ck is None:
+        return 0, 0, {}
+    try:
+        fc.load_state_dict(ck["fc"])
+        opt.load_state_dict(ck["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as err:
+        raise checkpoint.CheckpointError(f"cannot resume from {path}: it does not fit this head (another "
+                                         f"--pretrained or data set?): {' '.join(str(err).split())[:300]}") from None
+    checkpoint.set_rng_state(ck["rng"])
+    start, skip = _position(ck)
+    log.info(f"resumed at epoch {start}" + (f", batch {skip}" if skip else "") + f" from {path}")
+    return start, skip, ck.get("best", {})
+
+
+def _stop_mid_epoch(save, log, stop, epoch, done, step, best, saved=False) -> None:
+    if not saved:
+        save(epoch, done, best)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()  # every process waits for rank 0's checkpoint before leaving
+    message = (f"stopped by {stop.name} at step {step} (epoch {epoch}, batch {done}); checkpoint written; "
+               "continue with the same command and --resume auto")
+    log.info(message)
+    log.close()
+    raise Stopped(stop.agreed, message)
 
 
 class TensorBatches:
@@ -209,6 +310,7 @@ class TensorBatches:
                  world_size: int = 1):
         self.features, self.labels, self.batch_size, self.shuffle = features, labels, batch_size, shuffle
         self.seed, self.epoch, self.rank, self.world_size = seed, 0, rank, world_size
+        self.skip_batches = 0  # a resumed epoch starts past the batches done before the stop
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -222,7 +324,7 @@ class TensorBatches:
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
         order = torch.randperm(n, generator=generator) if self.shuffle else torch.arange(n)
         order = order[self.rank:n - n % self.world_size:self.world_size]  # this process's equal shard
-        for start in range(0, len(order), self.batch_size):
+        for start in range(self.skip_batches * self.batch_size, len(order), self.batch_size):
             idx = order[start:start + self.batch_size].to(self.features.device)
             yield self.features[idx], self.labels[idx]
 
@@ -251,7 +353,7 @@ def run_lincls(cfg, backbone, feature_dim: int, device, rank: int = 0, world_siz
     if not data.has_split(cfg.data, "val", cfg.dataset):
         raise data.DataError(f"{cfg.data} has no labelled validation split to evaluate on")
     backbone, reference = frozen(backbone.to(device))
-    log = RunLog(cfg.output_dir, rank == 0, resume=bool(cfg.resume))
+    resume = find_resume(cfg, print if rank == 0 else lambda *_: None)
     per_rank = cfg.batch_size // world_size
     evaluation = data.eval_transform(**spec)
     val = data.build_dataset(cfg.data, "val", evaluation, cfg.dataset)
@@ -264,9 +366,13 @@ def run_lincls(cfg, backbone, feature_dim: int, device, rank: int = 0, world_siz
                                                   per_rank, rank, world_size)
     else:
         train = data.build_dataset(cfg.data, "train", train_transform(spec), cfg.dataset, labelled=True)
-        train_loader, val_loader = make(train, True), make(val, False)
-    result = train_linear(cfg, backbone, feature_dim, train_loader, val_loader, num_classes, device, log,
-                          cached=cfg.cached_features, is_main=rank == 0)
+        train_loader, val_loader = resumable(make(train, True)), make(val, False)
+    epoch, done = _position(resume[1]) if resume[1] is not None else (0, 0)
+    resume_step = epoch * len(train_loader) + done if resume[1] is not None else None
+    log = RunLog(cfg.output_dir, rank == 0, resume_step=resume_step)
+    with StopRequest() as stop:
+        result = train_linear(cfg, backbone, feature_dim, train_loader, val_loader, num_classes, device, log,
+                              cached=cfg.cached_features, is_main=rank == 0, resume=resume, stop=stop)
     sanity_check(backbone, reference)
     log.info(f"linear classification top-1 {result['last']['acc1']:.2f}% (best {result['best']['acc1']:.2f}%), "
              f"top-5 {result['last']['acc5']:.2f}%; backbone unchanged")

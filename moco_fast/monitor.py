@@ -6,21 +6,29 @@ import os
 import sys
 import time
 
+from moco_fast.checkpoint import write_text_atomic
+
 
 class RunLog:
     """Rank 0 writes; the other ranks' calls do nothing. Every record goes to stdout, metrics.jsonl and
     TensorBoard; the progress bar is tqdm on a terminal and plain lines elsewhere."""
 
-    def __init__(self, output_dir: str, enabled: bool, resume: bool = False):
+    def __init__(self, output_dir: str, enabled: bool, resume_step: int | None = None):
+        """resume_step: the step the run continues from; the log keeps what came before it only."""
         self.enabled, self.output_dir = enabled, output_dir
         self._bar, self._writer, self._file = None, None, None
         if not enabled:
             return
         os.makedirs(output_dir, exist_ok=True)
-        self._file = open(os.path.join(output_dir, "metrics.jsonl"), "a" if resume else "w")
+        path = os.path.join(output_dir, "metrics.jsonl")
+        if resume_step is not None:
+            truncate_metrics(path, resume_step)
+        self._file = open(path, "a" if resume_step is not None else "w")
         try:
             from torch.utils.tensorboard import SummaryWriter
-            self._writer = SummaryWriter(os.path.join(output_dir, "tensorboard"))
+            # purge_step: TensorBoard drops the events past the checkpoint that a crash left behind
+            purge = None if resume_step is None else resume_step + 1
+            self._writer = SummaryWriter(os.path.join(output_dir, "tensorboard"), purge_step=purge)
         except ImportError:  # tensorboard is optional: metrics.jsonl has everything
             self.info("tensorboard is not installed: writing metrics.jsonl only (pip install tensorboard)")
 
@@ -70,10 +78,32 @@ def _fmt(key, value) -> str:
     return f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}"
 
 
+def _parse(lines) -> list[dict]:
+    """The complete rows; a line a killed process left half-written (no newline, no valid JSON) is skipped."""
+    rows = []
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if line.endswith("\n") and isinstance(row, dict):
+            rows.append(row)
+    return rows
+
+
 def read_metrics(output_dir: str) -> list[dict]:
-    path = os.path.join(output_dir, "metrics.jsonl")
+    with open(os.path.join(output_dir, "metrics.jsonl")) as f:
+        return _parse(f)
+
+
+def truncate_metrics(path: str, step: int) -> None:
+    """Keep the rows up to `step` (the checkpoint a run resumes from): the steps after it are run and
+    logged again, and a row cut short by a kill is dropped, so no step appears twice or half."""
+    if not os.path.isfile(path):
+        return
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        rows = [r for r in _parse(f) if r.get("step", 0) <= step]
+    write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 def plot_run(output_dir: str) -> str | None:

@@ -9,19 +9,14 @@ BatchNorm (bn_splits > 1) saves the same keys as BatchNorm2d, so plain BatchNorm
 """
 from __future__ import annotations
 
-import pickle
-
 import torch
 import torch.nn as nn
 
 from moco_fast import checkpoint
+from moco_fast.checkpoint import CheckpointError
 from moco_fast.encoders import get_encoder
 
 _SHOW = 10  # keys named per kind of problem in an error
-
-
-class CheckpointError(ValueError):
-    """The checkpoint is in neither format, or its weights do not fit the architecture; the message says which keys."""
 
 
 def _first(keys, n: int = _SHOW) -> str:
@@ -31,12 +26,8 @@ def _first(keys, n: int = _SHOW) -> str:
 
 
 def _read(path: str) -> dict:
-    try:
-        ckpt = checkpoint.load(path)  # FileNotFoundError for a missing file, as the trainer's
-    except FileNotFoundError:
-        raise
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as e:
-        raise CheckpointError(f"cannot read {path} as a torch checkpoint (weights_only=True): {e}") from e
+    """The checkpoint's dict; FileNotFoundError when absent, CheckpointError when it is not a usable file."""
+    ckpt = checkpoint.load(path)
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"{path} holds a {type(ckpt).__name__}, not a checkpoint dict")
     return ckpt

@@ -9,6 +9,8 @@ atomically); on the CPU a resumed run repeats the uninterrupted one's losses bit
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import glob
 import math
 import os
 import random
@@ -19,13 +21,14 @@ import torch
 import torch.nn as nn
 
 from moco_fast import checkpoint, data, gpu_data
-from moco_fast.config import Config, ConfigError
-from moco_fast.distributed import DistInfo, cleanup_distributed, setup_distributed
+from moco_fast.config import Config, check_data_fits, validate
+from moco_fast.distributed import DistInfo, agree_on_int, cleanup_distributed, setup_distributed
 from moco_fast.encoders import get_encoder
 from moco_fast.evaluate import knn_eval
 from moco_fast.gpu_augment import recipe_name
 from moco_fast.model import MoCo
 from moco_fast.monitor import RunLog, plot_run
+from moco_fast.preemption import Stopped, StopRequest
 from moco_fast.step import (DDP_WARMUP, TrainStep, check_capturable, fast_cuda_settings, optimizer_state,
                             set_learning_rate)
 
@@ -101,11 +104,8 @@ def build_train_loader(cfg: Config, info: DistInfo, seed: int, out_dtype: torch.
     gpu_aug = uses_gpu_aug(cfg, info.device)
     transform = None if gpu_aug else data.TwoCropsTransform(data.moco_augmentation(cfg.aug_plus, **spec))
     dataset = data.build_dataset(cfg.data, "train", transform, cfg.dataset, cfg.max_bad_images)
+    check_data_fits(cfg, len(dataset), info.world_size)
     per_rank = cfg.batch_size // info.world_size
-    if per_rank * info.world_size != cfg.batch_size:
-        raise ConfigError(f"--batch-size {cfg.batch_size} is not divisible by the {info.world_size} processes")
-    if len(dataset) < cfg.batch_size:
-        raise ConfigError(f"the data set has {len(dataset)} images, fewer than one batch of {cfg.batch_size}")
     sampler = EpochSampler(dataset, info, seed, per_rank)
     if gpu_aug:
         backend = "auto" if cfg.backend == "cuda" else cfg.backend  # no CUDA C++ augment kernel
@@ -190,11 +190,46 @@ class Meter:
         return out
 
 
-def resolve_resume(cfg: Config) -> str | None:
-    if cfg.resume == "auto":
-        path = os.path.join(cfg.output_dir, "checkpoint.pth")
-        return path if os.path.isfile(path) else None
-    return cfg.resume or None
+PRETRAIN_KEYS = ("model", "optimizer", "epoch", "step_in_epoch", "global_step", "rng", "config")
+PRETRAIN_WHAT = "a checkpoint of scripts/pretrain.py"
+
+
+def checkpoint_candidates(output_dir: str) -> list[str]:
+    """What --resume auto looks at: the latest checkpoint, the one it replaced, the per-epoch ones."""
+    join = lambda name: os.path.join(output_dir, name)  # noqa: E731
+    epochs = sorted(glob.glob(join("checkpoint_epoch*.pth")))
+    return [join("checkpoint.pth"), join("checkpoint_prev.pth"), *epochs]
+
+
+def find_resume(cfg: Config, say) -> tuple[str | None, dict | None]:
+    """(path, checkpoint) to continue from, or (None, None) for a fresh run. --resume PATH must load;
+    --resume auto takes the checkpoint furthest along that loads, and says which it skipped and why."""
+    if not cfg.resume:
+        return None, None
+    if cfg.resume != "auto":
+        return cfg.resume, checkpoint.load_checkpoint(cfg.resume, PRETRAIN_KEYS, PRETRAIN_WHAT)
+    path, ck, skipped = checkpoint.newest_loadable(checkpoint_candidates(cfg.output_dir), PRETRAIN_KEYS,
+                                                   PRETRAIN_WHAT, position=lambda c: c["global_step"])
+    for _, why in skipped:
+        say(f"--resume auto: skipped {why}")
+    if path is None and skipped:
+        raise checkpoint.CheckpointError(
+            f"--resume auto: none of the {len(skipped)} checkpoints in {cfg.output_dir} loads (above); move "
+            "them away to start afresh there, or pass --resume PATH")
+    return path, ck
+
+
+def restore(model: MoCo, opt: torch.optim.Optimizer, path: str, ck: dict) -> dict:
+    """Load the checkpoint into the model, the optimizer and the RNGs; returns the position."""
+    try:
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as err:
+        text = " ".join(str(err).split())
+        raise checkpoint.CheckpointError(f"cannot resume from {path}: it does not fit this run's model or "
+                                         f"optimizer (another --arch, --moco-dim, --moco-k, --mlp?): {text[:400]}") from None
+    checkpoint.set_rng_state(ck["rng"])
+    return {key: ck[key] for key in ("epoch", "step_in_epoch", "global_step")}
 
 
 def make_optimizer(cfg: Config, model: MoCo, device: torch.device) -> torch.optim.Optimizer:
@@ -204,10 +239,13 @@ def make_optimizer(cfg: Config, model: MoCo, device: torch.device) -> torch.opti
 
 
 def save_checkpoint(cfg, model, opt, pos: dict, skipped: int, name: str = "checkpoint.pth") -> str:
+    """The latest checkpoint.pth replaces the one before it only once it reads back; that one is kept
+    as checkpoint_prev.pth, for --resume auto to fall back on."""
     path = os.path.join(cfg.output_dir, name)
+    previous = os.path.join(cfg.output_dir, "checkpoint_prev.pth") if name == "checkpoint.pth" else None
     checkpoint.save_atomic({"model": model.state_dict(), "optimizer": optimizer_state(opt), **pos,
                             "rng": checkpoint.rng_state(), "config": cfg.to_dict(), "skipped_images": skipped},
-                           path)
+                           path, keep_previous=previous)
     return path
 
 
@@ -227,19 +265,38 @@ def knn_monitor(cfg, model, knn, device, log: RunLog, step: int, baselines: bool
 
 
 def run(cfg: Config) -> dict:
-    """Train as the config says; returns the last metrics. Called once per process (torchrun or plain)."""
+    """Train as the config says; returns the last metrics. Called once per process (torchrun or plain).
+    Raises Stopped after a SIGTERM or SIGINT, once the checkpoint of the step it ended on is written."""
     info = setup_distributed(None if cfg.device == "auto" else cfg.device, cuda_graph=cfg.cuda_graph)
     try:
-        return _run(cfg, info)
+        with StopRequest() as stop:  # before the loader's workers fork: they inherit the handlers
+            return _run(cfg, info, stop)
     finally:
         cleanup_distributed()
 
 
-def _run(cfg: Config, info: DistInfo) -> dict:
+@dataclasses.dataclass
+class _Parts:
+    """What the loop works with, built once."""
+    model: MoCo
+    opt: torch.optim.Optimizer
+    loader: object
+    sampler: EpochSampler
+    train_step: TrainStep
+    log: RunLog
+    skips: data.SkipCounter
+    knn: tuple | None
+
+
+def _run(cfg: Config, info: DistInfo, stop: StopRequest) -> dict:
+    validate(cfg, info.world_size)  # parse_config did for the command line; configs built in Python too
     device = info.device
     seed = cfg.seed if cfg.seed is not None else 0
-    resume_path = resolve_resume(cfg)
-    log = RunLog(cfg.output_dir, info.is_main, resume=resume_path is not None)
+    resume_path, ck = find_resume(cfg, print if info.is_main else lambda *_: None)
+    resume_step = agree_on_int(ck["global_step"] if ck else -1, "the step to resume from")
+    if info.is_main and os.path.isdir(cfg.output_dir):
+        checkpoint.remove_stale_temps(cfg.output_dir)  # left by a writer killed mid-write
+    log = RunLog(cfg.output_dir, info.is_main, resume_step=resume_step if ck else None)
     if info.is_main:
         log.info(f"config ({info.world_size} process(es) on {device}):\n{cfg.dumps()}")
         checkpoint.write_text_atomic(os.path.join(cfg.output_dir, "config.json"), cfg.dumps())
@@ -262,76 +319,104 @@ def _run(cfg: Config, info: DistInfo) -> dict:
     step_fn = torch.compile(wrapped) if cfg.compile else wrapped
     opt = make_optimizer(cfg, model, device)
     pos = {"epoch": 0, "step_in_epoch": 0, "global_step": 0}
-    skips = data.SkipCounter(cfg.max_bad_images)
-    if resume_path:
-        ck = checkpoint.load(resume_path)
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
-        pos = {key: ck[key] for key in pos}
-        checkpoint.set_rng_state(ck["rng"])
+    if ck:
+        pos = restore(model, opt, resume_path, ck)
+        del ck  # the loaded copy of the weights is no longer needed
         log.info(f"resumed from {resume_path} at epoch {pos['epoch']}, step {pos['global_step']}")
     train_step = TrainStep(step_fn, opt, device, use_bf16, cuda_graph=cfg.cuda_graph,
                            warmup=DDP_WARMUP if info.world_size > 1 else 3)
-    steps_per_epoch = len(sampler.inner) // sampler.batch_size
-    total = cfg.epochs * steps_per_epoch
-    max_steps = total if cfg.max_steps is None else min(total, cfg.max_steps)
+    parts = _Parts(model, opt, loader, sampler, train_step, log, data.SkipCounter(cfg.max_bad_images), knn)
     baseline = {}
     if knn is not None and pos["global_step"] == 0:
         baseline = knn_monitor(cfg, model, knn, device, log, 0, baselines=image_spec(cfg)["small"])
-    last, meter, last_save = {}, Meter(), time.monotonic()
-    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    while pos["global_step"] < max_steps:
-        epoch = pos["epoch"]
-        lr = learning_rate(cfg, epoch)
-        set_learning_rate(opt, lr)
-        sampler.set_epoch(epoch, skip_batches=pos["step_in_epoch"])
-        log.start_epoch(epoch, steps_per_epoch, pos["step_in_epoch"])
-        t = time.perf_counter()
-        for (im_q, im_k), _, skipped in loader:
-            skips.add(skipped)
-            wait = time.perf_counter() - t
-            im_q = im_q.to(device, non_blocking=True, memory_format=memory_format)
-            im_k = im_k.to(device, non_blocking=True, memory_format=memory_format)
-            momentum = ema_momentum(cfg, pos["global_step"], total)
-            if momentum != model.m:
-                model.set_momentum(momentum)
-            meter.add(pos["global_step"] + 1, train_step(im_q, im_k), wait)
-            pos["global_step"] += 1
-            pos["step_in_epoch"] += 1
-            log.advance()
-            done = pos["global_step"] >= max_steps
-            if pos["global_step"] % cfg.print_freq == 0 or done:
-                last = meter.flush(cfg.batch_size) or last
-                log.record("train", pos["global_step"], {**last, "epoch": epoch, "lr": lr, "moco_m": momentum,
-                                                          "skipped_images": skips.count,
-                                                          **decode_counts(loader)})
-            if info.is_main and (done or time.monotonic() - last_save > 60 * cfg.checkpoint_minutes):
-                last = meter.flush(cfg.batch_size) or last  # never save past a non-finite loss
-                save_checkpoint(cfg, model, opt, pos, skips.count)
-                last_save = time.monotonic()
-            if done:
-                break
-            t = time.perf_counter()
-        log.end_epoch()
-        if pos["step_in_epoch"] < steps_per_epoch:
-            break  # --max-steps ended the run mid-epoch
-        pos = {"epoch": epoch + 1, "step_in_epoch": 0, "global_step": pos["global_step"]}
-        if info.is_main:
-            last = meter.flush(cfg.batch_size) or last
-            save_checkpoint(cfg, model, opt, pos, skips.count)
-            last_save = time.monotonic()
-            if cfg.save_every and (epoch + 1) % cfg.save_every == 0:
-                save_checkpoint(cfg, model, opt, pos, skips.count, f"checkpoint_epoch{epoch + 1}.pth")
-            if knn is not None and ((epoch + 1) % cfg.knn_every == 0 or epoch + 1 == cfg.epochs):
-                last = {**last, **knn_monitor(cfg, model, knn, device, log, pos["global_step"], baselines=False)}
-        if info.world_size > 1:
-            torch.distributed.barrier()
+    pos, last = _train(cfg, info, parts, pos, stop)
+    if stop.agreed:
+        _stopped(cfg, info, log, stop, pos)
     if info.is_main and "pixels_top1" in baseline and "knn_top1" in last:
         log.info(f"kNN top-1 (k={cfg.knn_k}, t={cfg.knn_t}) on the held-out split: learned features "
                  f"{last['knn_top1']:.2f}%, untrained encoder {baseline['untrained_top1']:.2f}%, "
                  f"raw pixels {baseline['pixels_top1']:.2f}%")
     if info.is_main:
-        log.info(f"done: {pos['global_step']} steps, {skips.count} unreadable images skipped; "
+        log.info(f"done: {pos['global_step']} steps, {parts.skips.count} unreadable images skipped; "
                  f"plot: {plot_run(cfg.output_dir)}")
     log.close()
     return last
+
+
+def _train(cfg: Config, info: DistInfo, p: _Parts, pos: dict, stop: StopRequest) -> tuple[dict, dict]:
+    """Epochs until --epochs, --max-steps or a stop request; returns (position, last metrics)."""
+    steps_per_epoch = len(p.sampler.inner) // p.sampler.batch_size
+    total = cfg.epochs * steps_per_epoch
+    max_steps = total if cfg.max_steps is None else min(total, cfg.max_steps)
+    last, meter, last_save = {}, Meter(), time.monotonic()
+    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    while pos["global_step"] < max_steps:
+        epoch = pos["epoch"]
+        lr = learning_rate(cfg, epoch)
+        set_learning_rate(p.opt, lr)
+        p.sampler.set_epoch(epoch, skip_batches=pos["step_in_epoch"])
+        p.log.start_epoch(epoch, steps_per_epoch, pos["step_in_epoch"])
+        t = time.perf_counter()
+        for (im_q, im_k), _, skipped in p.loader:
+            p.skips.add(skipped)
+            wait = time.perf_counter() - t
+            im_q = im_q.to(info.device, non_blocking=True, memory_format=memory_format)
+            im_k = im_k.to(info.device, non_blocking=True, memory_format=memory_format)
+            momentum = ema_momentum(cfg, pos["global_step"], total)
+            if momentum != p.model.m:
+                p.model.set_momentum(momentum)
+            meter.add(pos["global_step"] + 1, p.train_step(im_q, im_k), wait)
+            pos["global_step"] += 1
+            pos["step_in_epoch"] += 1
+            p.log.advance()
+            done = pos["global_step"] >= max_steps
+            stopping = stop.should_stop()  # the same answer on every rank for this step
+            if pos["global_step"] % cfg.print_freq == 0 or done or stopping:
+                last = meter.flush(cfg.batch_size) or last
+                p.log.record("train", pos["global_step"], {**last, "epoch": epoch, "lr": lr, "moco_m": momentum,
+                                                            "skipped_images": p.skips.count,
+                                                            **decode_counts(p.loader)})
+            if info.is_main and (done or stopping or time.monotonic() - last_save > 60 * cfg.checkpoint_minutes):
+                last = meter.flush(cfg.batch_size) or last  # never save past a non-finite loss
+                save_checkpoint(cfg, p.model, p.opt, pos, p.skips.count)
+                last_save = time.monotonic()
+            if done or stopping:
+                break
+            t = time.perf_counter()
+        p.log.end_epoch()
+        if pos["step_in_epoch"] < steps_per_epoch:
+            break  # --max-steps or a stop request ended the run mid-epoch
+        pos = {"epoch": epoch + 1, "step_in_epoch": 0, "global_step": pos["global_step"]}
+        if info.is_main:
+            last = _end_of_epoch(cfg, info, p, pos, meter, last, knn=not stop.agreed)
+            last_save = time.monotonic()
+        if info.world_size > 1:
+            torch.distributed.barrier()
+        if stop.agreed:
+            break
+    return pos, last
+
+
+def _end_of_epoch(cfg: Config, info: DistInfo, p: _Parts, pos: dict, meter: Meter, last: dict, knn: bool) -> dict:
+    """Rank 0 at an epoch boundary: the checkpoint, the per-epoch one when asked, the kNN monitor."""
+    last = meter.flush(cfg.batch_size) or last
+    save_checkpoint(cfg, p.model, p.opt, pos, p.skips.count)
+    epoch = pos["epoch"]  # the number of epochs done
+    if cfg.save_every and epoch % cfg.save_every == 0:
+        save_checkpoint(cfg, p.model, p.opt, pos, p.skips.count, f"checkpoint_epoch{epoch}.pth")
+    if knn and p.knn is not None and (epoch % cfg.knn_every == 0 or epoch == cfg.epochs):
+        last = {**last, **knn_monitor(cfg, p.model, p.knn, info.device, p.log, pos["global_step"], baselines=False)}
+    return last
+
+
+def _stopped(cfg: Config, info: DistInfo, log: RunLog, stop: StopRequest, pos: dict) -> None:
+    """After the checkpoint of the stop step: every rank waits for rank 0's write, then Stopped."""
+    if info.world_size > 1:
+        torch.distributed.barrier()  # a rank that left early would have torchrun kill rank 0 mid-write
+    path = os.path.join(cfg.output_dir, "checkpoint.pth")
+    message = (f"stopped by {stop.name} after step {pos['global_step']} (epoch {pos['epoch']}), all "
+               f"{info.world_size} process(es) at the same step; checkpoint written: {path}. Continue with the "
+               "same command and --resume auto")
+    log.info(message)
+    log.close()
+    raise Stopped(stop.agreed, message)

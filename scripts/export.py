@@ -21,6 +21,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from moco_fast.encoders import ARCHS  # noqa: E402
 from moco_fast.pretrained import CheckpointError, load_backbone, to_detectron2  # noqa: E402
 
 
@@ -46,7 +47,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="Export a MoCo checkpoint's backbone (torchvision or detectron2)")
     p.add_argument("checkpoint", help="a scripts/pretrain.py checkpoint or an official MoCo one")
     p.add_argument("--out", required=True, help="the file to write (.pth for torchvision, .pkl for detectron2)")
-    p.add_argument("-a", "--arch", help="the architecture, when the checkpoint names none (or to override it)")
+    p.add_argument("-a", "--arch", choices=sorted(ARCHS), metavar="ARCH",
+                   help=f"the architecture, when the checkpoint names none (or to override it): one of {', '.join(sorted(ARCHS))}")
     p.add_argument("--format", choices=["torchvision", "detectron2"], default="torchvision")
     args = p.parse_args(argv)
     try:

@@ -23,6 +23,7 @@ from moco_fast import data  # noqa: E402
 from moco_fast.checkpoint import write_text_atomic  # noqa: E402
 from moco_fast.config import PRESETS  # noqa: E402
 from moco_fast.evaluate import knn_eval  # noqa: E402
+from moco_fast.encoders import ARCHS  # noqa: E402
 from moco_fast.pretrained import CheckpointError, load_backbone  # noqa: E402
 
 
@@ -33,7 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--pretrained", metavar="CKPT", help="a scripts/pretrain.py checkpoint or an official one")
     what.add_argument("--pixels", action="store_true", help="evaluate the raw pixels instead (the baseline)")
     p.add_argument("--preset", choices=sorted(PRESETS), help="its arch is used when the checkpoint names none")
-    p.add_argument("-a", "--arch", help="the architecture (overrides the checkpoint's)")
+    p.add_argument("-a", "--arch", choices=sorted(ARCHS), metavar="ARCH",
+                   help=f"the architecture (overrides the checkpoint's): one of {', '.join(sorted(ARCHS))}")
     p.add_argument("--dataset", default="auto", choices=["auto", *data.DATASETS])
     p.add_argument("--image-size", type=int, help="evaluation size (default: the data set's own, 224 for folders)")
     p.add_argument("--knn-k", type=int, default=200)

@@ -1,7 +1,7 @@
 """Presets, the official flag names, and bad values caught before any work."""
 import pytest
 
-from moco_fast.config import PRESETS, ConfigError, parse_config
+from moco_fast.config import PRESETS, Config, ConfigError, parse_config, validate
 from moco_fast.train import ema_momentum, learning_rate
 
 
@@ -25,9 +25,17 @@ def test_preset_then_explicit_official_flags():
     (["-b", "0"], "--batch-size must be >= 1"),
     (["--moco-t", "0"], "--moco-t and --lr must be positive"),
 ])
-def test_bad_values(flags, message):
-    with pytest.raises(ConfigError, match=message):
+def test_bad_values(flags, message, capsys):
+    with pytest.raises(SystemExit) as exit_:  # argparse's error: usage, the message, exit code 2
         parse_config(["/data", *flags])
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+    with pytest.raises(ConfigError, match=message):  # a config built in Python: the same check
+        validate(Config(data="/data", **{k: v for k, v in [_as_field(flags)]}))
+
+
+def _as_field(flags):
+    name = {"--moco-m": "moco_m", "-b": "batch_size", "--moco-t": "moco_t"}[flags[0]]
+    return name, type(getattr(Config, name))(flags[1])
 
 
 def test_schedules():
