@@ -203,3 +203,67 @@ def test_infonce_gradient_keeps_its_precision_when_the_positive_saturates(device
     assert err < 1e-5, f"relative error of dL/dq {err:.3g}"
     native_loss = run(q, k, queue, "reference", 0.05)[0]
     assert_within_torch_error(loss, exact_loss, native_loss, 1e-6, "loss")
+
+
+# ------------------------------------------------------------------------------------------------
+# every config of the Triton "hopper" variant (the interpreter runs the same program for any config)
+
+def _hopper_module():
+    from moco_fast.ops._backends import triton_kernels
+    return triton_kernels("infonce")._hopper()
+
+
+def hopper_configs():
+    try:
+        names = list(_hopper_module().CONFIGS)
+    except RuntimeError:  # no triton: the ids still collect
+        names = ["unavailable"]
+    return [pytest.param(n, marks=pytest.mark.skipif(n == "unavailable", reason="no triton")) for n in names]
+
+
+# N=1, C=1 and C=127 (pointer loads), C=24 < BLOCK_C with 96-byte rows (the descriptor path in fp32, its
+# column padding), N=130 (2-3 row blocks), K=1, K=300 (tails of 44 and 12 keys), K=4097 (a tail of 1)
+HOPPER_SHAPES = [(1, 127, 1), (130, 24, 300), (3, 1, 4097)]
+
+
+@pytest.mark.parametrize("config", hopper_configs())
+@pytest.mark.parametrize("device, backend", [p for p in fast_backends("infonce") if p.values[1] == "triton"])
+def test_infonce_triton_hopper_config(device, backend, config, monkeypatch):
+    """Each named config, forced, against the float64 reference: fp32 for the TF32/ieee configs, fp16 for
+    the 16-bit ones (the interpreter has no bf16 dots); forward, gradient, ranks, NaN-poisoned outputs."""
+    hop = _hopper_module()
+    monkeypatch.setenv("MOCO_FAST_TRITON_INFONCE", "hopper")
+    monkeypatch.setenv(hop.CONFIG_ENV, config)
+    dtype = F16 if config.startswith("b16") else F32
+    for N, C, K in HOPPER_SHAPES:
+        q, k, queue = make_inputs(N, C, K, dtype, dtype, device)
+        plan = hop.plan(config, N, C, K, queue)
+        assert plan["desc"] == (hop.CONFIGS[config].desc and (C * queue.element_size()) % 16 == 0), plan
+        exact_loss, exact_grad, exact_stats = run(q.double(), k.double(), queue.double(), "reference")
+        native_loss, native_grad, _ = run(q, k, queue, "reference")
+        poison_allocator(device)
+        loss, grad, stats = run(q, k, queue, backend)
+        assert_within_torch_error(loss, exact_loss, native_loss, 1e-6, f"loss {config} {N, C, K}")
+        assert_within_torch_error(grad, exact_grad, native_grad, 1e-6, f"grad {config} {N, C, K}")
+        if dtype == F32:
+            for name in ("acc1", "acc5"):
+                assert stats[name].item() == exact_stats[name].item(), (config, name, (N, C, K))
+
+
+def test_infonce_triton_variant_names(monkeypatch):
+    """The default is v1 (until a GPU run confirms hopper); unknown names are errors, never a fallback."""
+    pytest.importorskip("triton")
+    hop = _hopper_module()
+    module = __import__("sys").modules[hop.__name__.rpartition(".")[0] + ".infonce"]
+    monkeypatch.delenv("MOCO_FAST_TRITON_INFONCE", raising=False)
+    assert module.variant() == "v1"
+    q, k, queue = make_inputs(2, 8, 5, F32, F32, "cpu")
+    monkeypatch.setenv("MOCO_FAST_TRITON_INFONCE", "fast")
+    with pytest.raises(ValueError, match=r"unknown Triton variant 'fast' \(MOCO_FAST_TRITON_INFONCE\)"):
+        module.infonce_fwd(q, k, queue, 1 / T, False)
+    monkeypatch.setenv("MOCO_FAST_TRITON_INFONCE", "hopper")
+    monkeypatch.setenv(hop.CONFIG_ENV, "n999")
+    with pytest.raises(ValueError, match=r"unknown Triton config 'n999'"):
+        module.infonce_fwd(q, k, queue, 1 / T, False)
+    assert set(hop.DEFAULTS.values()) <= set(hop.CONFIGS)
+    assert all(hop.configs_for(f) for f in ("tf32", "ieee", "b16"))
