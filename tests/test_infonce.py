@@ -267,3 +267,53 @@ def test_infonce_triton_variant_names(monkeypatch):
         module.infonce_fwd(q, k, queue, 1 / T, False)
     assert set(hop.DEFAULTS.values()) <= set(hop.CONFIGS)
     assert all(hop.configs_for(f) for f in ("tf32", "ieee", "b16"))
+
+
+def test_infonce_triton_hopper_tuning_skips_wrong_configs_and_logs_its_choice(monkeypatch, caplog):
+    """The tuner's logic with fake launches (timing needs a GPU): a config whose result disagrees with v1,
+    or that fails to run, never wins; the fastest of the rest does, and is logged."""
+    hop = _hopper_module()
+    names = hop.configs_for("tf32")
+    fake_us = {n: 10.0 + i for i, n in enumerate(names)}
+    wrong, broken = names[0], names[1]  # the two fastest
+    ref = (torch.tensor(1.0), torch.ones(4, 8), torch.zeros(2))
+
+    def run_cfg(cfg):
+        if cfg["name"] == broken:
+            raise RuntimeError("out of resources: shared memory")
+        grad = ref[1] * (1.5 if cfg["name"] == wrong else 1.0 + 1e-4)
+        return ref[0], grad, ref[2]
+
+    current = {}
+    real_plan = hop.plan
+
+    def plan(name, *args):
+        current["name"] = name
+        return real_plan(name, *args)
+
+    def do_bench(fn, **kw):
+        fn()
+        return fake_us[current["name"]] / 1e3  # milliseconds, as Triton's
+
+    monkeypatch.setattr(hop, "plan", plan)
+    monkeypatch.setattr(hop.triton.testing, "do_bench", do_bench)
+    queue = torch.randn(64, 8)
+    with caplog.at_level("INFO", logger="moco_fast"):
+        best = hop._tune("key", "tf32", 4, 8, 64, queue, run_cfg, lambda: ref)
+    assert best == names[2], best
+    assert f"picked {names[2]}" in caplog.text and f"config {wrong} disagrees" in caplog.text
+    assert f"config {broken} failed" in caplog.text
+
+
+@pytest.mark.parametrize("device, backend", [p for p in fast_backends("infonce") if p.values[1] == "triton"])
+def test_infonce_triton_hopper_opcheck_and_compile(device, backend, monkeypatch):
+    """The hopper variant behind the same custom op: opcheck, and a fullgraph compile equal to eager."""
+    monkeypatch.setenv("MOCO_FAST_TRITON_INFONCE", "hopper")
+    q, k, queue = make_inputs(6, 32, 100, F32, F32, device)
+    torch.library.opcheck(_custom.infonce_op, (q.clone().requires_grad_(True), k, queue, T, backend, False))
+    compiled = torch.compile(lambda q: ops.infonce(q, k, queue, T, backend=backend), fullgraph=True)
+    qc = q.clone().requires_grad_(True)
+    loss = compiled(qc)
+    loss.backward()
+    eager_loss, eager_grad, _ = run(q, k, queue, backend)
+    assert torch.equal(loss, eager_loss) and torch.equal(qc.grad, eager_grad)
