@@ -62,7 +62,8 @@ def _ema_block_v2(k_addr, q_addr, start, numel, m, om, DT: tl.constexpr, ALIGNED
     if ALIGNED:  # the host checked every address of the table; the cast lost it
         pk = tl.multiple_of(pk, 16)
         pq = tl.multiple_of(pq, 16)
-    start = tl.multiple_of(start, BLOCK)
+    # (the hints sit on the ops that make the values; on a callee's argument, as `start` is here, a hint
+    # would be dropped, which is why the caller marks start)
     offs = start + tl.max_contiguous(tl.multiple_of(tl.arange(0, BLOCK), BLOCK), BLOCK).to(tl.int64)
     if start + BLOCK <= numel:  # a full block: no mask, so nothing stops vector accesses
         a = tl.load(pk + offs).to(tl.float32) * m
@@ -86,7 +87,7 @@ def _momentum_update_v2_kernel(table_ptr, n_tensors, m_ptr, m_val, om_val, HAS_M
     numel = tl.load(rec + 2)
     first = tl.load(rec + 3)
     code = tl.load(rec + 4)
-    start = (pid - first) * BLOCK
+    start = tl.multiple_of((pid - first) * BLOCK, BLOCK)
     if HAS_M_TENSOR:
         mt = tl.load(m_ptr).to(tl.float64)
         m = mt.to(tl.float32)
