@@ -54,21 +54,27 @@ class Config(NamedTuple):
     desc: bool  # use a tensor descriptor for the queue when the layout allows one
 
 
-# name: config. TF32: q fp32 in registers next to a [BLOCK_N, C] fp32 accumulator caps BLOCK_N at 128
-# (256 x 128 x 2 fp32 values is the whole register file). 16-bit: q and p in 16 bits leave room for 256.
+# name: config. Each compiled for sm_90a on the CPU (triton.compile with GPUTarget("cuda", 90, 32), then
+# ptxas -v; Triton 3.8, C=128): every tf32 and b16 config uses wgmma, the "desc" ones TMA, none spills;
+# registers and shared memory per program in the comments. Dropped for spilling: tf32 n128-k64 (255
+# registers, 8 B spilled), b16 n64-k128 with pointers (24 B), and ieee at 64 x 64 or more (15 KB: an
+# "ieee" dot runs on FMA units with both operands in registers, so its tiles stay small; 32 rows is
+# fine there, no MMA shape to meet).
 CONFIGS = {
-    "tf32-n64-k64-w4-s3": Config(64, 64, 4, 3, True),
-    "tf32-n128-k64-w8-s3": Config(128, 64, 8, 3, True),
-    "tf32-n128-k32-w8-s4": Config(128, 32, 8, 4, True),
-    "tf32-n128-k64-w8-s2-ptr": Config(128, 64, 8, 2, False),
-    "b16-n128-k64-w8-s3": Config(128, 64, 8, 3, True),
-    "b16-n128-k128-w8-s3": Config(128, 128, 8, 3, True),
-    "b16-n256-k64-w16-s3": Config(256, 64, 16, 3, True),
-    "b16-n64-k128-w4-s4-ptr": Config(64, 128, 4, 4, False),
-    "ieee-n64-k32-w4-s2": Config(64, 32, 4, 2, False),
-    "ieee-n128-k32-w8-s2": Config(128, 32, 8, 2, True),
+    "tf32-n128-k32-w8-s4": Config(128, 32, 8, 4, True),       # 217 regs, 128 KB
+    "tf32-n64-k64-w4-s3": Config(64, 64, 4, 3, True),         # 255 regs, 128 KB
+    "tf32-n64-k32-w4-s4": Config(64, 32, 4, 4, True),         # 211 regs, 96 KB
+    "tf32-n128-k32-w8-s4-ptr": Config(128, 32, 8, 4, False),  # 209 regs, 96 KB (no TMA: the comparison)
+    "b16-n128-k64-w8-s3": Config(128, 64, 8, 3, True),        # 173 regs, 80 KB
+    "b16-n256-k64-w16-s3": Config(256, 64, 16, 3, True),      # 128 regs, 128 KB: the whole batch
+    "b16-n128-k128-w8-s3": Config(128, 128, 8, 3, True),      # 254 regs, 128 KB
+    "b16-n64-k128-w8-s3": Config(64, 128, 8, 3, True),        # 204 regs, 112 KB
+    "b16-n64-k64-w4-s4-ptr": Config(64, 64, 4, 4, False),     # 182 regs, 80 KB (cp.async)
+    "ieee-n64-k32-w8-s2": Config(64, 32, 8, 2, False),        # 154 regs, 56 KB
+    "ieee-n64-k16-w8-s2": Config(64, 16, 8, 2, False),        # 146 regs, 44 KB
+    "ieee-n32-k32-w8-s2": Config(32, 32, 8, 2, False),        # 93 regs, 36 KB (v1's tile)
 }
-DEFAULTS = {"tf32": "tf32-n128-k64-w8-s3", "b16": "b16-n128-k64-w8-s3", "ieee": "ieee-n64-k32-w4-s2"}
+DEFAULTS = {"tf32": "tf32-n128-k32-w8-s4", "b16": "b16-n128-k64-w8-s3", "ieee": "ieee-n64-k32-w8-s2"}
 _CHOICES: dict = {}
 _SM_COUNT: dict = {}
 _WORKSPACE_CAP = 32 << 20  # one wave of 128-row programs at N=256, C=128 needs ~8.8 MB
