@@ -22,6 +22,7 @@ GPU run has timed and self-checked the other:
   v1      this file's partial kernel: 32-row blocks, splits for a 2 MiB workspace (~1 wave).
   hopper  kernels/infonce_hopper.py's partial kernel (>= 64 rows, SM-sized splits, TMA descriptors,
           autotuned); the same workspace layout, merged by this file's combine and finish kernels.
+          Rows wider than 256 (C > 256) run v1's partial kernel under either name.
 
 Floors of v1, H200, N=256 C=128 K=65,536 (x16 at K=1,048,576 but the workspace):
   MMA: 4*N*K*C = 8.6 GFLOP: 17.4 us at ~494 TFLOP/s TF32, but BLOCK_N=32 < 64 rules out wgmma:
@@ -44,6 +45,9 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _MAX_C = 1024  # the register tile is [BLOCK_N, next_pow2(C)]
 _SM_COUNT = {}
 VARIANTS = ("v1", "hopper")
+# hopper's configs were sized (registers, shared memory) at C=128; above 256 its [BLOCK_N, C] tiles
+# would not fit, so wider rows run v1's kernel (still the same backend and result)
+_HOPPER_MAX_C = 256
 ENV = "MOCO_FAST_TRITON_INFONCE"
 
 
@@ -296,7 +300,7 @@ def infonce_fwd(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, inv_tempe
     N, C = q.shape
     K = queue.shape[0]
     v1 = _config(N, C, K, queue, allow_tf32)
-    if which == "v1":
+    if which == "v1" or C > _HOPPER_MAX_C:
         return _run(q, k, queue, inv_temperature, allow_tf32, v1, _launch_v1)
     hop = _hopper()
     cfg = hop.choose(q, k, queue, allow_tf32,
