@@ -16,8 +16,24 @@ Precision of the tensor-core dots (`allow_tf32`):
   operand that is not exactly representable (fp32 q, the fp32 probabilities) is split into
   hi + lo parts in that dtype (two dots), which gives about 16 mantissa bits, near fp32 results;
   with True it is rounded once (one dot), the 16-bit analogue of TF32.
+
+Variants (MOCO_FAST_TRITON_INFONCE, or variant_name= in infonce_fwd); "v1" stays the default until a
+GPU run has timed and self-checked the other:
+  v1      this file's partial kernel: 32-row blocks, splits for a 2 MiB workspace (~1 wave).
+  hopper  kernels/infonce_hopper.py's partial kernel (>= 64 rows, SM-sized splits, TMA descriptors,
+          autotuned); the same workspace layout, merged by this file's combine and finish kernels.
+          Rows wider than 256 (C > 256) run v1's partial kernel under either name.
+
+Floors of v1, H200, N=256 C=128 K=65,536 (x16 at K=1,048,576 but the workspace):
+  MMA: 4*N*K*C = 8.6 GFLOP: 17.4 us at ~494 TFLOP/s TF32, but BLOCK_N=32 < 64 rules out wgmma:
+       mma.sync reaches about 2/3 of it; 8.7 us at ~989 for a 16-bit queue (allow_tf32=False: x2).
+  DRAM: the queue once (32 MiB fp32: 7.0 us at 4.8 TB/s; 16 MiB bf16: 3.5 us) + the 1.9 MiB workspace.
+  L2 -> SM: the queue once per 32-row block: 8 x 32 MiB = 256 MiB (~30 us at ~9 TB/s of L2 bandwidth).
+  shared memory: each key tile (64 x 128 fp32 = 32 KB) read ~4x (both products, 2 warps' fragments).
 """
+import importlib.util
 import os
+import sys
 
 import torch
 import triton
@@ -28,6 +44,11 @@ _WORKSPACE_BYTES = 2 << 20  # the budget the split heuristic aims for (design ta
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _MAX_C = 1024  # the register tile is [BLOCK_N, next_pow2(C)]
 _SM_COUNT = {}
+VARIANTS = ("v1", "hopper")
+# hopper's configs were sized (registers, shared memory) at C=128; above 256 its [BLOCK_N, C] tiles
+# would not fit, so wider rows run v1's kernel (still the same backend and result)
+_HOPPER_MAX_C = 256
+ENV = "MOCO_FAST_TRITON_INFONCE"
 
 
 @triton.jit
@@ -244,14 +265,54 @@ def _check(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, inv_temperatur
         raise RuntimeError("infonce_fwd: CPU tensors need TRITON_INTERPRET=1 set before triton is imported")
 
 
+def variant(name=None) -> str:
+    """The partial kernel: `name`, else $MOCO_FAST_TRITON_INFONCE, else "v1"."""
+    name = name or os.environ.get(ENV, "").strip() or "v1"
+    if name not in VARIANTS:
+        raise ValueError(f"infonce_fwd: unknown Triton variant {name!r} ({ENV}); choose one of {VARIANTS}")
+    return name
+
+
+def _hopper():
+    """kernels/infonce_hopper.py, the sibling of this file: a package module when installed
+    (moco_fast.kernels), loaded by path from a checkout (where kernels/ is a plain folder)."""
+    name = __name__.rpartition(".")[0] + ".infonce_hopper"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, os.path.join(os.path.dirname(__file__), "infonce_hopper.py"))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+def _launch_v1(cfg: dict, grid, args: tuple, constexprs: dict) -> None:
+    _infonce_partial_kernel[grid](*args, **constexprs, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
+                                  BLOCK_C=cfg["BLOCK_C"], **cfg["warps"])
+
+
 def infonce_fwd(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, inv_temperature: float,
-                allow_tf32: bool):
+                allow_tf32: bool, variant_name=None):
     """q: (N, C), k: (N, C), queue: (K, C), rows contiguous. Returns (loss: fp32 0-dim,
-    grad_q: fp32 (N, C) = dL/dq for an upstream gradient of 1, stats: fp32 (2,) = [acc1, acc5])."""
+    grad_q: fp32 (N, C) = dL/dq for an upstream gradient of 1, stats: fp32 (2,) = [acc1, acc5]).
+    variant_name: "v1" or "hopper" (module docstring); None reads $MOCO_FAST_TRITON_INFONCE."""
+    which = variant(variant_name)
     _check(q, k, queue, inv_temperature)
     N, C = q.shape
     K = queue.shape[0]
-    cfg = _config(N, C, K, queue, allow_tf32)
+    v1 = _config(N, C, K, queue, allow_tf32)
+    if which == "v1" or C > _HOPPER_MAX_C:
+        return _run(q, k, queue, inv_temperature, allow_tf32, v1, _launch_v1)
+    hop = _hopper()
+    cfg = hop.choose(q, k, queue, allow_tf32,
+                     run=lambda c: _run(q, k, queue, inv_temperature, allow_tf32, c, hop.launch_partial),
+                     reference=lambda: _run(q, k, queue, inv_temperature, allow_tf32, v1, _launch_v1))
+    return _run(q, k, queue, inv_temperature, allow_tf32, cfg, hop.launch_partial)
+
+
+def _run(q, k, queue, inv_temperature: float, allow_tf32: bool, cfg: dict, launch_partial):
+    """Workspace, partial pass (launch_partial(cfg, grid, args, constexprs)), combine and finish."""
+    N, C = q.shape
+    K = queue.shape[0]
     splits, dev = cfg["splits"], q.device
     f32 = dict(device=dev, dtype=torch.float32)
     # one workspace allocation, cut into flat views (the kernels index them by hand):
@@ -268,11 +329,10 @@ def infonce_fwd(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, inv_tempe
     p_scale = 16384.0 if queue.dtype == torch.float16 else 1.0
     rb = triton.cdiv(N, cfg["BLOCK_N"])
     with torch.cuda.device(q.device if q.is_cuda else -1):  # launch on the tensors' GPU
-        _infonce_partial_kernel[(rb, splits)](
-            q, k, queue, ws_acc, ws_m, ws_l, ws_above, pos, N, C, K, q.stride(0), k.stride(0), scale2, p_scale,
-            QUEUE_FP32=queue_fp32, SPLIT_Q=(not queue_fp32 and not allow_tf32 and q.dtype != queue.dtype),
-            SPLIT_P=(not queue_fp32 and not allow_tf32), PRECISION="tf32" if allow_tf32 else "ieee",
-            BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], BLOCK_C=cfg["BLOCK_C"], **cfg["warps"])
+        launch_partial(cfg, (rb, splits), (q, k, queue, ws_acc, ws_m, ws_l, ws_above, pos, N, C, K, q.stride(0),
+                                           k.stride(0), scale2, p_scale),
+                       dict(QUEUE_FP32=queue_fp32, SPLIT_Q=(not queue_fp32 and not allow_tf32 and q.dtype != queue.dtype),
+                            SPLIT_P=(not queue_fp32 and not allow_tf32), PRECISION="tf32" if allow_tf32 else "ieee"))
         comb_n, comb_c, comb_s = 16, min(cfg["comb_c"], max(16, triton.next_power_of_2(C))), cfg["comb_s"]
         _infonce_combine_kernel[(triton.cdiv(N, comb_n), triton.cdiv(C, comb_c))](
             k, ws_acc, ws_m, ws_l, ws_above, pos, grad_q, loss_rows, above_rows, N, C, k.stride(0), splits,

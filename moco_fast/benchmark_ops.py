@@ -9,6 +9,8 @@ call), on which the rates, speed-ups and floors are computed, and eager host tim
 """
 from __future__ import annotations
 
+import contextlib
+import os
 import time
 
 import torch
@@ -31,9 +33,46 @@ def fast_backends(op: str, device: str) -> list[str]:
     return [b for b in names if unusable_reason(op, b, device) is None]
 
 
+# Triton kernel variants timed side by side as providers "triton[<variant>]" (kernels/infonce.py,
+# kernels/momentum_update.py): the environment switch each one sets while it runs
+VARIANT_ENV = {"infonce": "MOCO_FAST_TRITON_INFONCE", "momentum_update": "MOCO_FAST_TRITON_EMA"}
+VARIANTS = {"infonce": ("v1", "hopper"), "momentum_update": ("v1", "v2")}
+
+
+@contextlib.contextmanager
+def triton_variant(op: str, provider: str):
+    """Sets the op's variant switch for provider "triton[<variant>]"; any other provider runs as it is."""
+    if not (provider.startswith("triton[") and provider.endswith("]")):
+        yield
+        return
+    name, before = VARIANT_ENV[op], os.environ.get(VARIANT_ENV[op])
+    os.environ[name] = provider[len("triton["):-1]
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(name)
+        else:
+            os.environ[name] = before
+
+
+def _backend(provider: str) -> str:
+    return provider.split("[")[0]
+
+
+def _providers(op: str, device: str, variants: bool) -> list[str]:
+    names = fast_backends(op, device)
+    if variants and "triton" in names:
+        names = [n for n in names if n != "triton"] + [f"triton[{v}]" for v in VARIANTS[op]]
+    return names
+
+
 # ---------------------------------------------------------------------------------------- infonce
-def infonce_cases(device: str, quick: bool):
-    """(N, C, K, queue dtype, fp32 matmul precision)."""
+def infonce_cases(device: str, quick: bool, variants: bool = False):
+    """(N, C, K, queue dtype, fp32 matmul precision). variants: the side-by-side grid of issue 14."""
+    if variants and not quick:
+        return [(n, 128, k, dt, "high") for dt in (torch.float32, torch.bfloat16) for k in (4096, 65536, 1 << 20)
+                for n in (32, 256)]
     if quick:
         return [(16, 32, 1000, torch.float32, "highest")]
     if device == "cpu":
@@ -55,7 +94,7 @@ def _infonce_step(provider: str, q, k, queue):
         fn = torch.compile(infonce_ref) if provider == "reference-compiled" else infonce_ref
     else:
         def fn(q, k, queue, t):
-            return ops.infonce(q, k, queue, t, backend=provider)
+            return ops.infonce(q, k, queue, t, backend=_backend(provider))
 
     def step():
         fn(q, k, queue, T).backward()
@@ -63,9 +102,9 @@ def _infonce_step(provider: str, q, k, queue):
     return step
 
 
-def bench_infonce(device: str, quick: bool = False, copy_gbps: float = 0.0) -> list[dict]:
+def bench_infonce(device: str, quick: bool = False, copy_gbps: float = 0.0, variants: bool = False) -> list[dict]:
     rows = []
-    for i, (N, C, K, queue_dtype, precision) in enumerate(infonce_cases(device, quick)):
+    for i, (N, C, K, queue_dtype, precision) in enumerate(infonce_cases(device, quick, variants)):
         torch.set_float32_matmul_precision(precision)
         q, k, queue = _infonce_inputs(N, C, K, queue_dtype, device)
         flops = 4 * N * K * C
@@ -76,19 +115,20 @@ def bench_infonce(device: str, quick: bool = False, copy_gbps: float = 0.0) -> l
         ref_time = None
         # torch.compile of the reference (tens of seconds per shape on a GPU): the first case alone
         compiled = ["reference-compiled"] if i == 0 else []
-        for provider in ["reference"] + compiled + fast_backends("infonce", device):
+        for provider in ["reference"] + compiled + _providers("infonce", device, variants):
             step = _infonce_step(provider, q, k, queue)
             compile_s = None
-            if provider == "reference-compiled":
-                t0 = time.perf_counter()
-                step()
-                compile_s = time.perf_counter() - t0
-            timing = time_op(step, device, "graph", repeats=30 if device == "cpu" else 100)
+            with triton_variant("infonce", provider):  # the hopper variant tunes in the first (eager) call
+                if provider == "reference-compiled" or provider.startswith("triton["):
+                    t0 = time.perf_counter()
+                    step()
+                    compile_s = time.perf_counter() - t0
+                timing = time_op(step, device, "graph", repeats=30 if device == "cpu" else 100)
+                mib = peak_extra_mib(step, device)
             seconds = timing["device_us"] / 1e6
             ref_time = ref_time or seconds
-            mib = peak_extra_mib(step, device)
-            rows.append({"op": "infonce", "case": case, "provider": provider, **timing,
-                         "TFLOP/s": flops / seconds / 1e12, "speedup_vs_ref": ref_time / seconds,
+            rows.append({"op": "infonce", "case": case, "provider": provider, **timing, "TFLOP/s": flops / seconds / 1e12,
+                         "GB/s": queue.numel() * queue.element_size() / seconds / 1e9, "speedup_vs_ref": ref_time / seconds,
                          "x_floor": seconds / floor, "peak_extra_MiB": mib, "compile_s": compile_s})
         del q, k, queue
     torch.set_float32_matmul_precision("highest")
@@ -96,7 +136,7 @@ def bench_infonce(device: str, quick: bool = False, copy_gbps: float = 0.0) -> l
 
 
 # -------------------------------------------------------------------------------- momentum_update
-def bench_momentum_update(device: str, quick: bool = False, copy_gbps: float = 0.0) -> list[dict]:
+def bench_momentum_update(device: str, quick: bool = False, copy_gbps: float = 0.0, variants: bool = False) -> list[dict]:
     encoder = (torchvision.models.resnet18() if quick else torchvision.models.resnet50()).to(device)
     # random values of the encoder's shapes: fresh init has tiny weights whose EMA runs into denormals
     params_q = [torch.randn_like(p) for p in encoder.parameters()]
@@ -119,8 +159,11 @@ def bench_momentum_update(device: str, quick: bool = False, copy_gbps: float = 0
         "foreach_lerp_": (lambda: torch._foreach_lerp_(params_k, params_q, 1 - m), "graph"),
         "flat lerp_": (lambda: flat_k.lerp_(flat_q, 1 - m), "graph"),
     }
-    for backend in fast_backends("momentum_update", device):
-        providers[backend] = (lambda b=backend: ops.momentum_update_(params_k, params_q, m, backend=b), "graph")
+    for provider in _providers("momentum_update", device, variants):
+        def fn(p=provider):  # the variant switch is read at each call (and at capture)
+            with triton_variant("momentum_update", p):
+                ops.momentum_update_(params_k, params_q, m, backend=_backend(p))
+        providers[provider] = (fn, "graph")
     case = f"{'ResNet-18' if quick else 'ResNet-50'}: {len(params_q)} tensors, {numel / 1e6:.1f}M fp32"
     rows = _timed_rows("momentum_update", case, providers, device, repeats=20 if device == "cpu" else 100)
     for row in rows:
@@ -140,7 +183,7 @@ def _timed_rows(op: str, case: str, providers: dict, device: str, repeats: int) 
 
 
 # ---------------------------------------------------------------------------------------- enqueue
-def bench_enqueue(device: str, quick: bool = False, copy_gbps: float = 0.0) -> list[dict]:
+def bench_enqueue(device: str, quick: bool = False, copy_gbps: float = 0.0, variants: bool = False) -> list[dict]:
     K, C, B = (4096, 128, 64) if quick else (65536, 128, 256)
     queue = torch.randn(K, C, device=device)
     ptr = torch.zeros(1, dtype=torch.long, device=device)
@@ -180,7 +223,7 @@ def augment_inputs(n: int, side: tuple[int, int], device: str):
     return (data, offsets, heights, widths, p.boxes), (p.factors, p.order, p.jitter, p.gray, p.flip)
 
 
-def bench_augment(device: str, quick: bool = False, copy_gbps: float = 0.0) -> list[dict]:
+def bench_augment(device: str, quick: bool = False, copy_gbps: float = 0.0, variants: bool = False) -> list[dict]:
     """crop_resize (uint8 -> fp32 224x224) then color_augment (-> bf16 channels_last), MoCo v2's recipe."""
     n, side, size = (8, (40, 50), 24) if quick else ((32 if device == "cpu" else 256), (375, 500), 224)
     crop_args, color_args = augment_inputs(n, side, device)
@@ -255,12 +298,15 @@ BENCHES = {"infonce": bench_infonce, "momentum_update": bench_momentum_update, "
            "augment": bench_augment}
 
 
-def run(op_names: list[str], device: str, quick: bool = False, on_rows=None) -> tuple[float, list[dict]]:
-    """(copy GB/s, rows) of the named benchmarks; on_rows(rows so far) after each, to save as it goes."""
+def run(op_names: list[str], device: str, quick: bool = False, on_rows=None,
+        variants: bool = False) -> tuple[float, list[dict]]:
+    """(copy GB/s, rows) of the named benchmarks; on_rows(rows so far) after each, to save as it goes.
+    variants: each Triton variant as its own provider (triton[v1], triton[hopper], triton[v2]) and, for
+    infonce, the grid N in (32, 256) x K in (4,096, 65,536, 1,048,576) x fp32 (TF32) and bf16 queues."""
     copy_gbps = copy_bandwidth_gbps(device, (64 << 20) if device == "cpu" or quick else (2 << 30))
     rows = []
     for name in op_names:
-        rows += BENCHES[name](device, quick=quick, copy_gbps=copy_gbps)
+        rows += BENCHES[name](device, quick=quick, copy_gbps=copy_gbps, variants=variants)
         if on_rows is not None:
             on_rows(rows)
     return copy_gbps, rows

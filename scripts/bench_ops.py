@@ -4,6 +4,10 @@
     python scripts/bench_ops.py --op infonce --json out.json
     python scripts/bench_ops.py --quick              # tiny sizes: a smoke run
     python scripts/bench_ops.py --host-only          # eager host time per call of the three ops, small sizes
+    python scripts/bench_ops.py --op infonce --variants  # old and new Triton kernels side by side:
+                                                     # triton[v1] and triton[hopper] at N 32/256 x
+                                                     # K 4,096/65,536/1,048,576 x fp32 (TF32)/bf16 queue
+    python scripts/bench_ops.py --op momentum_update --variants   # triton[v1] and triton[v2]
 
 Two figures per provider: device_us (on CUDA a CUDA-graph replay where the provider can be captured,
 else eager calls queued behind torch.cuda._sleep; L2 flushed before each call) and host_us (wall time
@@ -31,6 +35,9 @@ def main():
     parser.add_argument("--op", choices=["all", *BENCHES], default="all")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     parser.add_argument("--quick", action="store_true", help="tiny sizes (a smoke run)")
+    parser.add_argument("--variants", action="store_true",
+                        help="each Triton kernel variant as its own provider, infonce over the variants' grid "
+                             "(compile_s of a triton[...] row: its first call, compile and autotune)")
     parser.add_argument("--host-only", action="store_true",
                         help="only the eager host time per call of infonce, momentum_update and enqueue at "
                              "small sizes (before/after a change to the ops' Python dispatch or checks)")
@@ -59,7 +66,7 @@ def main():
         print_table(done, [c for c in COLUMNS if any(c in r for r in done)])
         if args.json:
             write_json(args.json, {"header": header, "methods": METHODS, "rows": rows})
-    copy_gbps, rows = run(ops_to_run, args.device, quick=args.quick, on_rows=on_rows)
+    copy_gbps, rows = run(ops_to_run, args.device, quick=args.quick, on_rows=on_rows, variants=args.variants)
     print(f"\ncopy bandwidth (floor for memory-bound ops): {copy_gbps:.1f} GB/s")
     print("methods:\n" + "\n".join(f"  {k}: {v}" for k, v in METHODS.items()))
     if args.json:

@@ -203,3 +203,118 @@ def test_infonce_gradient_keeps_its_precision_when_the_positive_saturates(device
     assert err < 1e-5, f"relative error of dL/dq {err:.3g}"
     native_loss = run(q, k, queue, "reference", 0.05)[0]
     assert_within_torch_error(loss, exact_loss, native_loss, 1e-6, "loss")
+
+
+# ------------------------------------------------------------------------------------------------
+# every config of the Triton "hopper" variant (the interpreter runs the same program for any config)
+
+def _hopper_module():
+    from moco_fast.ops._backends import triton_kernels
+    return triton_kernels("infonce")._hopper()
+
+
+def hopper_configs():
+    try:
+        names = list(_hopper_module().CONFIGS)
+    except RuntimeError:  # no triton: the ids still collect
+        names = ["unavailable"]
+    return [pytest.param(n, marks=pytest.mark.skipif(n == "unavailable", reason="no triton")) for n in names]
+
+
+# N=1, C=1 and C=127 (pointer loads), C=24 < BLOCK_C with 96-byte rows (the descriptor path in fp32, its
+# column padding), N=130 (1-5 row blocks), K=1, K=300 (tails of 12 and 44 keys), K=257 (a tail of 1 key
+# after every block size, as K=4097 has, in a sixteenth of the interpreter's time)
+HOPPER_SHAPES = [(1, 127, 1), (130, 24, 300), (3, 1, 257)]
+
+
+@pytest.mark.parametrize("config", hopper_configs())
+@pytest.mark.parametrize("device, backend", [p for p in fast_backends("infonce") if p.values[1] == "triton"])
+def test_infonce_triton_hopper_config(device, backend, config, monkeypatch):
+    """Each named config, forced, against the float64 reference: fp32 for the TF32/ieee configs, fp16 for
+    the 16-bit ones (the interpreter has no bf16 dots); forward, gradient, ranks, NaN-poisoned outputs."""
+    hop = _hopper_module()
+    monkeypatch.setenv("MOCO_FAST_TRITON_INFONCE", "hopper")
+    monkeypatch.setenv(hop.CONFIG_ENV, config)
+    dtype = F16 if config.startswith("b16") else F32
+    for N, C, K in HOPPER_SHAPES:
+        q, k, queue = make_inputs(N, C, K, dtype, dtype, device)
+        plan = hop.plan(config, N, C, K, queue)
+        assert plan["desc"] == (hop.CONFIGS[config].desc and (C * queue.element_size()) % 16 == 0), plan
+        exact_loss, exact_grad, exact_stats = run(q.double(), k.double(), queue.double(), "reference")
+        native_loss, native_grad, _ = run(q, k, queue, "reference")
+        poison_allocator(device)
+        loss, grad, stats = run(q, k, queue, backend)
+        assert_within_torch_error(loss, exact_loss, native_loss, 1e-6, f"loss {config} {N, C, K}")
+        assert_within_torch_error(grad, exact_grad, native_grad, 1e-6, f"grad {config} {N, C, K}")
+        if dtype == F32:
+            for name in ("acc1", "acc5"):
+                assert stats[name].item() == exact_stats[name].item(), (config, name, (N, C, K))
+
+
+def test_infonce_triton_variant_names(monkeypatch):
+    """The default is v1 (until a GPU run confirms hopper); unknown names are errors, never a fallback."""
+    pytest.importorskip("triton")
+    hop = _hopper_module()
+    module = __import__("sys").modules[hop.__name__.rpartition(".")[0] + ".infonce"]
+    monkeypatch.delenv("MOCO_FAST_TRITON_INFONCE", raising=False)
+    assert module.variant() == "v1"
+    q, k, queue = make_inputs(2, 8, 5, F32, F32, "cpu")
+    monkeypatch.setenv("MOCO_FAST_TRITON_INFONCE", "fast")
+    with pytest.raises(ValueError, match=r"unknown Triton variant 'fast' \(MOCO_FAST_TRITON_INFONCE\)"):
+        module.infonce_fwd(q, k, queue, 1 / T, False)
+    monkeypatch.setenv("MOCO_FAST_TRITON_INFONCE", "hopper")
+    monkeypatch.setenv(hop.CONFIG_ENV, "n999")
+    with pytest.raises(ValueError, match=r"unknown Triton config 'n999'"):
+        module.infonce_fwd(q, k, queue, 1 / T, False)
+    assert set(hop.DEFAULTS.values()) <= set(hop.CONFIGS)
+    assert all(hop.configs_for(f) for f in ("tf32", "ieee", "b16"))
+
+
+def test_infonce_triton_hopper_tuning_skips_wrong_configs_and_logs_its_choice(monkeypatch, caplog):
+    """The tuner's logic with fake launches (timing needs a GPU): a config whose result disagrees with v1,
+    or that fails to run, never wins; the fastest of the rest does, and is logged."""
+    hop = _hopper_module()
+    names = hop.configs_for("tf32")
+    fake_us = {n: 10.0 + i for i, n in enumerate(names)}
+    wrong, broken = names[0], names[1]  # the two fastest
+    ref = (torch.tensor(1.0), torch.ones(4, 8), torch.zeros(2))
+
+    def run_cfg(cfg):
+        if cfg["name"] == broken:
+            raise RuntimeError("out of resources: shared memory")
+        grad = ref[1] * (1.5 if cfg["name"] == wrong else 1.0 + 1e-4)
+        return ref[0], grad, ref[2]
+
+    current = {}
+    real_plan = hop.plan
+
+    def plan(name, *args):
+        current["name"] = name
+        return real_plan(name, *args)
+
+    def do_bench(fn, **kw):
+        fn()
+        return fake_us[current["name"]] / 1e3  # milliseconds, as Triton's
+
+    monkeypatch.setattr(hop, "plan", plan)
+    monkeypatch.setattr(hop.triton.testing, "do_bench", do_bench)
+    queue = torch.randn(64, 8)
+    with caplog.at_level("INFO", logger="moco_fast"):
+        best = hop._tune("key", "tf32", 4, 8, 64, queue, run_cfg, lambda: ref)
+    assert best == names[2], best
+    assert f"picked {names[2]}" in caplog.text and f"config {wrong} disagrees" in caplog.text
+    assert f"config {broken} failed" in caplog.text
+
+
+@pytest.mark.parametrize("device, backend", [p for p in fast_backends("infonce") if p.values[1] == "triton"])
+def test_infonce_triton_hopper_opcheck_and_compile(device, backend, monkeypatch):
+    """The hopper variant behind the same custom op: opcheck, and a fullgraph compile equal to eager."""
+    monkeypatch.setenv("MOCO_FAST_TRITON_INFONCE", "hopper")
+    q, k, queue = make_inputs(6, 32, 100, F32, F32, device)
+    torch.library.opcheck(_custom.infonce_op, (q.clone().requires_grad_(True), k, queue, T, backend, False))
+    compiled = torch.compile(lambda q: ops.infonce(q, k, queue, T, backend=backend), fullgraph=True)
+    qc = q.clone().requires_grad_(True)
+    loss = compiled(qc)
+    loss.backward()
+    eager_loss, eager_grad, _ = run(q, k, queue, backend)
+    assert torch.equal(loss, eager_loss) and torch.equal(qc.grad, eager_grad)

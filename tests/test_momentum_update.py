@@ -17,11 +17,20 @@ def make_pairs(sizes, dtype, device):
     return params_k, params_q
 
 
+@pytest.fixture(params=["v1", "v2"])
+def triton_ema(request, monkeypatch):
+    """Each Triton EMA variant (MOCO_FAST_TRITON_EMA); the other backends ignore it."""
+    monkeypatch.setenv("MOCO_FAST_TRITON_EMA", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64],
                          ids=["f32", "bf16", "f16", "f64"])
 @pytest.mark.parametrize("m_kind", ["float", "tensor"])
 @pytest.mark.parametrize("device, backend", fast_backends("momentum_update"))
-def test_momentum_update_matches_reference(device, backend, dtype, m_kind):
+def test_momentum_update_matches_reference(device, backend, dtype, m_kind, triton_ema):
+    if triton_ema != "v1" and backend != "triton":
+        pytest.skip("variants are the Triton backend's")
     if dtype == torch.float64 and backend != "cpu":
         pytest.skip("fp64 parameters run on the reference and cpu backends")
     if dtype == torch.bfloat16 and (backend, device) == ("triton", "cpu"):
@@ -54,6 +63,36 @@ def test_momentum_update_resnet50_and_mixed_dtypes(device, backend):
     momentum_update_ref_(expected, mixed_q, 0.5)
     ops.momentum_update_(mixed_k, mixed_q, 0.5, backend=backend)
     assert all(torch.equal(a, b) for a, b in zip(mixed_k, expected))
+
+
+@pytest.mark.parametrize("device, backend", [p for p in fast_backends("momentum_update") if p.values[1] == "triton"])
+def test_momentum_update_triton_misaligned_and_block_edges(device, backend, triton_ema):
+    """Views 4 bytes past an aligned address (v2 must drop its alignment hint) and sizes at a block's edges."""
+    from moco_fast.ops._custom import kernel
+    block = 4096
+    sizes = [block - 1, block, block + 1, 2 * block]
+    base_k = [torch.randn(n + 1, device=device) for n in sizes]
+    base_q = [torch.randn(n + 1, device=device) for n in sizes]
+    for off in (0, 1):
+        params_k = [b[off:off + n] for b, n in zip(base_k, sizes)]
+        params_q = [b[off:off + n] for b, n in zip(base_q, sizes)]
+        before = [b.clone() for b in base_k]
+        expected = [p.clone() for p in params_k]
+        momentum_update_ref_(expected, params_q, 0.9)
+        kernel("momentum_update_", backend)(params_k, params_q, None, 0.9)
+        for got, want, b, old, n in zip(params_k, expected, base_k, before, sizes):
+            assert torch.equal(got, want), (off, n)
+            rest = torch.ones(n + 1, dtype=torch.bool)
+            rest[off:off + n] = False
+            assert torch.equal(b[rest], old[rest]), ("wrote outside the tensor", off, n)
+
+
+def test_momentum_update_triton_unknown_variant(monkeypatch):
+    pytest.importorskip("triton")
+    from moco_fast.ops._backends import triton_kernels
+    monkeypatch.setenv("MOCO_FAST_TRITON_EMA", "v9")
+    with pytest.raises(ValueError, match=r"unknown Triton variant 'v9' \(MOCO_FAST_TRITON_EMA\)"):
+        triton_kernels("momentum_update").momentum_update_([torch.zeros(1)], [torch.zeros(1)], None, 0.9)
 
 
 @pytest.mark.parametrize("device, backend", fast_backends("momentum_update"))

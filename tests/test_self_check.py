@@ -145,3 +145,22 @@ def test_info_command_reports_every_op_and_backend():
     if _backends.unusable_reason("infonce", "cpu", "cpu") is None:
         cpu_rows = [line for line in lines if line.split()[2:3] == ["cpu"]]
         assert cpu_rows and all("pass (max error" in line for line in cpu_rows)
+
+
+def test_each_triton_variant_gets_its_own_self_check(monkeypatch):
+    """A process that switches MOCO_FAST_TRITON_INFONCE (the side-by-side benchmark) checks the new variant."""
+    if _backends.unusable_reason("infonce", "triton", "cpu") is not None:
+        pytest.skip("Triton on CPU tensors needs the interpreter")
+    seen = []
+    real = _custom.kernel
+
+    def kernel(name, b):
+        fn = real(name, b)
+        return (lambda *a: (seen.append(__import__("os").environ.get("MOCO_FAST_TRITON_INFONCE")), fn(*a))[1]) \
+            if (name, b) == ("infonce_fwd", "triton") else fn
+    monkeypatch.setattr(_custom, "kernel", kernel)
+    variant = ("float32", "float32", "float32", "ieee")
+    for name in ("v1", "hopper", "v1"):
+        monkeypatch.setenv("MOCO_FAST_TRITON_INFONCE", name)
+        assert _backends.resolve("infonce", "triton", "cpu", variant) == "triton"
+    assert seen == ["v1", "hopper"]  # checked once per variant, the repeat served from the cache

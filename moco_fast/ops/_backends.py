@@ -97,6 +97,14 @@ def unusable_reason(op: str, backend: str, device_type: str) -> str | None:
 
 
 _RESOLVED: dict[tuple, str] = {}
+# the Triton kernels' variant switches (kernels/infonce.py, kernels/momentum_update.py)
+TRITON_VARIANT_ENVS = ("MOCO_FAST_TRITON_INFONCE", "MOCO_FAST_TRITON_INFONCE_CONFIG", "MOCO_FAST_TRITON_EMA")
+
+
+def triton_variant_env() -> tuple[str, ...]:
+    """Part of the resolution and self-check keys: a process that switches a Triton variant (a benchmark
+    timing old and new side by side) self-checks the new one too."""
+    return tuple(os.environ.get(name, "") for name in TRITON_VARIANT_ENVS)
 
 
 @torch.compiler.assume_constant_result  # run eagerly while tracing; the answer is a constant
@@ -105,7 +113,7 @@ def resolve(op: str, backend: str, device, variant: tuple | None = None) -> str:
     with the reason when the one asked for cannot run. With `variant` (the dtypes the call uses, and for
     infonce "tf32" or "ieee"; see _self_check) a fast backend must also pass its run-time self-check on
     that device for that variant first."""
-    key = (op, backend, device, variant)
+    key = (op, backend, device, variant, triton_variant_env())
     if key not in _RESOLVED:
         names = None if variant is None else tuple(str(v).removeprefix("torch.") for v in variant)
         _RESOLVED[key] = _resolve(op, backend, str(device), names)
