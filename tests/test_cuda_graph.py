@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 from moco_fast import ops
-from moco_fast.config import ConfigError, parse_config
+from moco_fast.config import parse_config
 from moco_fast.encoders import get_encoder
 from moco_fast.model import MoCo
 from moco_fast.reference import enqueue_ref_, momentum_update_ref_
@@ -65,9 +65,10 @@ def test_static_buffer_step_repeats_the_eager_step_exactly():
     assert isinstance(optimizer_state(opt)["param_groups"][0]["lr"], float)  # checkpoints hold floats
 
 
-def test_cuda_graph_errors_on_the_cpu():
-    with pytest.raises(ConfigError, match="--cuda-graph needs a CUDA device"):
+def test_cuda_graph_errors_on_the_cpu(capsys):
+    with pytest.raises(SystemExit) as exit_:  # argparse's error, before anything is read or built
         parse_config(["/data", "--cuda-graph", "--device", "cpu"])
+    assert exit_.value.code == 2 and "--cuda-graph needs a CUDA device" in capsys.readouterr().err
     model, _, _ = make_step(torch.device("cpu"))
     with pytest.raises(GraphCaptureError, match="needs a CUDA device; this run is on cpu"):
         check_capturable(model, torch.device("cpu"))
