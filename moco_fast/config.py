@@ -45,6 +45,7 @@ class Config:
     # beyond the official
     preset: Optional[str] = None
     image_size: Optional[int] = None    # crop size; default per data set (224 ImageNet, 32 CIFAR, ...)
+    crop_scale: Optional[float] = None  # RandomResizedCrop's smallest area fraction (None: the recipe's)
     dataset: str = "auto"               # auto | imagefolder | cifar10 | cifar100 | stl10 | mnist | fashion-mnist
     output_dir: str = "runs/moco"
     max_steps: Optional[int] = None     # stop after this many optimizer steps (smoke runs, tests)
@@ -87,9 +88,12 @@ PRESETS = {
                   moco_k=4096, moco_m=0.99, moco_t=0.1, mlp=False, aug_plus=False, cos=True, bn_splits=8,
                   workers=8, knn_every=10),
     # Fashion-MNIST on a laptop-class CPU in under 10 minutes
-    "demo": dict(arch="small_resnet", lr=0.06, batch_size=256, epochs=2, weight_decay=5e-4, moco_dim=128,
+    # (small_resnet_s2 and augmentation as tensors in the training process: 3.8x the steps per second of
+    # small_resnet with PIL workers; crops of at least 30% of the image: chosen on a held-out 10,000 of
+    # the training images, 79.1% kNN after 4 epochs against 77.8% with the CIFAR recipe's 8%; 80.8% after 6)
+    "demo": dict(arch="small_resnet_s2", lr=0.06, batch_size=256, epochs=6, weight_decay=5e-4, moco_dim=128,
                  moco_k=4096, moco_m=0.99, moco_t=0.1, mlp=False, cos=True, bn_splits=4, workers=1,
-                 compile=False, print_freq=20, knn_every=2),
+                 compile=False, print_freq=20, knn_every=6, gpu_aug=True, crop_scale=0.3),
     # the same data on a GPU, long enough for the features to beat raw pixels
     "demo_gpu": dict(arch="cifar_resnet18", lr=0.06, batch_size=512, epochs=100, weight_decay=5e-4,
                      moco_k=4096, moco_m=0.99, moco_t=0.1, cos=True, bn_splits=8, workers=8, knn_every=20),
@@ -137,6 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cos", action="store_const", const=True)
     p.add_argument("--dataset", choices=DATASET_CHOICES)
     p.add_argument("--image-size", type=int, help="crop size (default: the data set's own, 224 for folders)")
+    p.add_argument("--crop-scale", type=float, help="RandomResizedCrop's smallest area fraction (default: the "
+                   "recipe's, 0.2 for v1/v2, 0.08 for small images)")
     p.add_argument("--output-dir")
     p.add_argument("--max-steps", type=int)
     p.add_argument("--compile", type=_str2bool, metavar="BOOL")
@@ -195,6 +201,8 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     for name in ("workers", "save_every", "knn_every", "max_bad_images", "checkpoint_minutes"):
         if getattr(cfg, name) < 0:
             problems.append(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
+    if cfg.crop_scale is not None and not 0.0 < cfg.crop_scale <= 1.0:
+        problems.append(f"--crop-scale must be in (0, 1], got {cfg.crop_scale}")
     if cfg.image_size is not None and cfg.image_size < 8:
         problems.append(f"--image-size must be >= 8 (pixels), got {cfg.image_size}")
     if not 0.0 <= cfg.moco_m <= 1.0:

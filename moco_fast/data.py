@@ -94,17 +94,19 @@ class TwoCropsTransform:
 
 
 def moco_augmentation(aug_plus: bool, image_size: int = 224, mean: Sequence[float] = IMAGENET_MEAN,
-                      std: Sequence[float] = IMAGENET_STD, small: bool = False) -> transforms.Compose:
+                      std: Sequence[float] = IMAGENET_STD, small: bool = False,
+                      crop_scale: float | None = None) -> transforms.Compose:
     """The official pretraining augmentation: v1 (InstDisc's), v2 (`aug_plus`, SimCLR-like), or `small`.
 
     `small` is the official CIFAR-10 demo's recipe (default crop scale, no blur) for 32-96 px images;
     the demo has a single recipe, so `aug_plus` does not change it.
     """
     normalize = transforms.Normalize(mean=mean, std=std)
+    scale = (0.08 if small else 0.2, 1.0) if crop_scale is None else (crop_scale, 1.0)  # --crop-scale
     if small:
         # The demo's order: the flip comes before the colour ops (they commute).
         return transforms.Compose([
-            transforms.RandomResizedCrop(image_size),
+            transforms.RandomResizedCrop(image_size, scale=scale),
             transforms.RandomHorizontalFlip(p=0.5),
             transforms.RandomApply([transforms.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
             transforms.RandomGrayscale(p=0.2),
@@ -112,7 +114,7 @@ def moco_augmentation(aug_plus: bool, image_size: int = 224, mean: Sequence[floa
             normalize])
     if aug_plus:  # MoCo v2
         return transforms.Compose([
-            transforms.RandomResizedCrop(image_size, scale=(0.2, 1.)),
+            transforms.RandomResizedCrop(image_size, scale=scale),
             transforms.RandomApply([transforms.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),  # not strengthened
             transforms.RandomGrayscale(p=0.2),
             transforms.RandomApply([GaussianBlur([.1, 2.])], p=0.5),
@@ -120,7 +122,7 @@ def moco_augmentation(aug_plus: bool, image_size: int = 224, mean: Sequence[floa
             transforms.ToTensor(),
             normalize])
     return transforms.Compose([  # MoCo v1
-        transforms.RandomResizedCrop(image_size, scale=(0.2, 1.)),
+        transforms.RandomResizedCrop(image_size, scale=scale),
         transforms.RandomGrayscale(p=0.2),
         transforms.ColorJitter(0.4, 0.4, 0.4, 0.4),
         transforms.RandomHorizontalFlip(),

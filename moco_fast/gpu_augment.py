@@ -107,11 +107,12 @@ def crop_boxes(heights: torch.Tensor, widths: torch.Tensor, generator: torch.Gen
 
 
 def sample_params(recipe: str, heights: torch.Tensor, widths: torch.Tensor,
-                  generator: torch.Generator) -> AugmentParams:
-    """One view's random parameters for images of the given sizes (int64 (N,) CPU tensors)."""
+                  generator: torch.Generator, crop_scale: float | None = None) -> AugmentParams:
+    """One view's random parameters for images of the given sizes (int64 (N,) CPU tensors); crop_scale
+    replaces the recipe's smallest crop area fraction (--crop-scale)."""
     rc = RECIPES[recipe]
     n = len(heights)
-    boxes = crop_boxes(heights, widths, generator, rc.scale)
+    boxes = crop_boxes(heights, widths, generator, rc.scale if crop_scale is None else (crop_scale, 1.0))
     u = torch.rand(n, 4, generator=generator)
     lo = torch.tensor([1 - JITTER] * 3 + [-rc.hue])
     factors = lo + (torch.tensor([2 * JITTER] * 3 + [2 * rc.hue])) * u       # ColorJitter.get_params
@@ -165,16 +166,16 @@ class GpuAugment:
     """
 
     def __init__(self, recipe: str, image_size: int, mean, std, out_dtype: torch.dtype = torch.float32,
-                 channels_last: bool = True, backend: str = "auto"):
+                 channels_last: bool = True, backend: str = "auto", crop_scale: float | None = None):
         if recipe not in RECIPES:
             raise ValueError(f"recipe must be one of {sorted(RECIPES)}, got {recipe!r}")
         self.recipe, self.size, self.backend = recipe, int(image_size), backend
         self.mean, self.std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
         self.out_dtype, self.channels_last = out_dtype, channels_last
-        self.gray_first = RECIPES[recipe].gray_first
+        self.gray_first, self.crop_scale = RECIPES[recipe].gray_first, crop_scale
 
     def params(self, packed: Packed, generator: torch.Generator) -> AugmentParams:
-        return sample_params(self.recipe, packed.heights, packed.widths, generator)
+        return sample_params(self.recipe, packed.heights, packed.widths, generator, self.crop_scale)
 
     def apply(self, packed: Packed, p: AugmentParams) -> torch.Tensor:
         """The views of `packed` under parameters `p`: (N, 3, S, S) in out_dtype on packed.data's device."""

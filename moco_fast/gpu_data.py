@@ -331,7 +331,7 @@ def in_memory_images(base) -> tuple[torch.Tensor, torch.Tensor]:
 
 def make_gpu_train_loader(dataset: MocoDataset, sampler, workers: int, device, recipe: str, image_size: int,
                           mean, std, out_dtype: torch.dtype = torch.float32, channels_last: bool = True,
-                          seed: int = 0, rank: int = 0, backend: str = "auto"):
+                          seed: int = 0, rank: int = 0, backend: str = "auto", crop_scale: float | None = None):
     """An iterable of ((im_q, im_k), targets, skipped_paths) batches with __len__ and .cpu_decodes.
 
     dataset: data.build_dataset(..., "train", transform=None); an image folder is read by `workers`
@@ -340,7 +340,7 @@ def make_gpu_train_loader(dataset: MocoDataset, sampler, workers: int, device, r
     im_q, im_k: (B, 3, image_size, image_size) on `device` in out_dtype, channels_last when asked.
     """
     device = torch.device(device)
-    augment = GpuAugment(recipe, image_size, mean, std, out_dtype, channels_last, backend)
+    augment = GpuAugment(recipe, image_size, mean, std, out_dtype, channels_last, backend, crop_scale)
     base = dataset.base if isinstance(dataset, MocoDataset) else dataset
     if isinstance(base, datasets.DatasetFolder):
         return FolderLoader(base.samples, sampler, workers, augment, device, seed, rank)

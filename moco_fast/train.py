@@ -102,7 +102,8 @@ def build_train_loader(cfg: Config, info: DistInfo, seed: int, out_dtype: torch.
     (PIL and torchvision transforms), or with --gpu-aug decoded and augmented on the device in out_dtype."""
     spec = image_spec(cfg)
     gpu_aug = uses_gpu_aug(cfg, info.device)
-    transform = None if gpu_aug else data.TwoCropsTransform(data.moco_augmentation(cfg.aug_plus, **spec))
+    transform = None if gpu_aug else data.TwoCropsTransform(data.moco_augmentation(
+        cfg.aug_plus, **spec, crop_scale=cfg.crop_scale))
     dataset = data.build_dataset(cfg.data, "train", transform, cfg.dataset, cfg.max_bad_images)
     check_data_fits(cfg, len(dataset), info.world_size)
     per_rank = cfg.batch_size // info.world_size
@@ -111,7 +112,7 @@ def build_train_loader(cfg: Config, info: DistInfo, seed: int, out_dtype: torch.
         backend = "auto" if cfg.backend == "cuda" else cfg.backend  # no CUDA C++ augment kernel
         loader = gpu_data.make_gpu_train_loader(
             dataset, sampler, cfg.workers, info.device, recipe_name(cfg.aug_plus, spec["small"]), spec["image_size"],
-            spec["mean"], spec["std"], out_dtype, cfg.channels_last, seed, info.rank, backend)
+            spec["mean"], spec["std"], out_dtype, cfg.channels_last, seed, info.rank, backend, cfg.crop_scale)
         return loader, sampler
     loader = torch.utils.data.DataLoader(
         SeededSamples(dataset, seed), batch_size=per_rank, sampler=sampler, num_workers=cfg.workers,

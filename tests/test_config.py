@@ -1,5 +1,6 @@
 """Presets, the official flag names, and bad values caught before any work."""
 import pytest
+import torch
 
 from moco_fast.config import PRESETS, Config, ConfigError, parse_config, validate
 from moco_fast.train import ema_momentum, learning_rate
@@ -46,3 +47,18 @@ def test_schedules():
     m = parse_config(["/data", "--moco-m", "0.99", "--moco-m-cos"])
     assert ema_momentum(m, 0, 100) == pytest.approx(0.99) and ema_momentum(m, 100, 100) == pytest.approx(1.0)
     assert ema_momentum(parse_config(["/data", "--moco-m", "0.99"]), 50, 100) == 0.99
+
+
+def test_crop_scale_reaches_both_augmentation_pipelines():
+    from moco_fast import data, gpu_augment
+    cfg = parse_config(["/data", "--crop-scale", "0.5"])
+    assert cfg.crop_scale == 0.5
+    pil = data.moco_augmentation(False, 28, small=True, crop_scale=cfg.crop_scale)
+    assert pil.transforms[0].scale == (0.5, 1.0)
+    assert data.moco_augmentation(False, 28, small=True).transforms[0].scale == (0.08, 1.0)  # the official recipe
+    g = torch.Generator().manual_seed(0)
+    sizes = torch.full((2000,), 28)
+    boxes = gpu_augment.sample_params("small", sizes, sizes, g, crop_scale=cfg.crop_scale).boxes
+    area = (boxes[:, 2] * boxes[:, 3]).float() / 28 ** 2
+    assert area.min() >= 0.5 - 0.05  # rounding of the box sides
+    assert gpu_augment.sample_params("small", sizes, sizes, g).boxes[:, 2:].prod(1).min() < 0.3 * 28 ** 2
