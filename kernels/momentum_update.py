@@ -46,6 +46,22 @@ _ALIGN = 16  # bytes of one vector access (the literal 16 in _ema_block_v2)
 
 
 @triton.jit
+def _record(table_ptr, n_tensors, pid):
+    """Program pid's tensor from the table: (address of p_k, address of p_q, numel, first block, dtype code)."""
+    rec = table_ptr + 5 * tl.load(table_ptr + 5 * n_tensors + pid)
+    return tl.load(rec), tl.load(rec + 1), tl.load(rec + 2), tl.load(rec + 3), tl.load(rec + 4)
+
+
+@triton.jit
+def _momentum(m_ptr, m_val, om_val, HAS_M_TENSOR: tl.constexpr):
+    """(m, 1 - m) in fp32; from the tensor: 1 - m in fp64, then both rounded, as the reference with float(m)."""
+    if HAS_M_TENSOR:
+        mt = tl.load(m_ptr).to(tl.float64)
+        return mt.to(tl.float32), (1.0 - mt).to(tl.float32)
+    return m_val, om_val
+
+
+@triton.jit
 def _ema_block(k_addr, q_addr, offs, mask, m, om, DT: tl.constexpr):
     pk = k_addr.to(tl.pointer_type(DT))
     pq = q_addr.to(tl.pointer_type(DT))
@@ -80,21 +96,9 @@ def _ema_block_v2(k_addr, q_addr, start, numel, m, om, DT: tl.constexpr, ALIGNED
 def _momentum_update_v2_kernel(table_ptr, n_tensors, m_ptr, m_val, om_val, HAS_M_TENSOR: tl.constexpr,
                                ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
-    t = tl.load(table_ptr + 5 * n_tensors + pid)
-    rec = table_ptr + 5 * t
-    k_addr = tl.load(rec)
-    q_addr = tl.load(rec + 1)
-    numel = tl.load(rec + 2)
-    first = tl.load(rec + 3)
-    code = tl.load(rec + 4)
+    k_addr, q_addr, numel, first, code = _record(table_ptr, n_tensors, pid)
     start = tl.multiple_of((pid - first) * BLOCK, BLOCK)
-    if HAS_M_TENSOR:
-        mt = tl.load(m_ptr).to(tl.float64)
-        m = mt.to(tl.float32)
-        om = (1.0 - mt).to(tl.float32)
-    else:
-        m = m_val
-        om = om_val
+    m, om = _momentum(m_ptr, m_val, om_val, HAS_M_TENSOR)
     if code == 0:
         _ema_block_v2(k_addr, q_addr, start, numel, m, om, tl.float32, ALIGNED, BLOCK)
     elif code == 1:
@@ -107,23 +111,10 @@ def _momentum_update_v2_kernel(table_ptr, n_tensors, m_ptr, m_val, om_val, HAS_M
 def _momentum_update_kernel(table_ptr, n_tensors, m_ptr, m_val, om_val,
                             HAS_M_TENSOR: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
-    t = tl.load(table_ptr + 5 * n_tensors + pid)
-    rec = table_ptr + 5 * t
-    k_addr = tl.load(rec)
-    q_addr = tl.load(rec + 1)
-    numel = tl.load(rec + 2)
-    first = tl.load(rec + 3)
-    code = tl.load(rec + 4)
+    k_addr, q_addr, numel, first, code = _record(table_ptr, n_tensors, pid)
     offs = (pid - first) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
     mask = offs < numel
-    if HAS_M_TENSOR:
-        # 1 - m in fp64, then both rounded to fp32: what the reference does with float(m)
-        mt = tl.load(m_ptr).to(tl.float64)
-        m = mt.to(tl.float32)
-        om = (1.0 - mt).to(tl.float32)
-    else:
-        m = m_val
-        om = om_val
+    m, om = _momentum(m_ptr, m_val, om_val, HAS_M_TENSOR)
     if code == 0:
         _ema_block(k_addr, q_addr, offs, mask, m, om, tl.float32)
     elif code == 1:
