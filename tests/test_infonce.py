@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 from conftest import fast_backends, poison_allocator
 from moco_fast import ops
-from moco_fast.ops import _custom
+from moco_fast.ops import _custom, _self_check
 from moco_fast.reference import infonce_ref
 
 T = 0.07
@@ -42,9 +42,8 @@ def run(q, k, queue, backend, temperature=T):
 
 def assert_within_torch_error(ours, exact, native, floor, what):
     """max |ours - exact| <= 2 max |PyTorch in the same dtypes - exact| + floor * max |exact|."""
-    err = (ours.double() - exact).abs().max().item()
-    torch_err = (native.double() - exact).abs().max().item()
-    assert err <= 2 * torch_err + floor * exact.abs().max().item(), f"{what}: error {err:.3g} vs PyTorch's own {torch_err:.3g}"
+    err, bound = _self_check.max_error(ours, exact), _self_check.error_bound(exact, native, floor)  # the run-time check's
+    assert err <= bound, f"{what}: error {err:.3g} > bound {bound:.3g} (2x PyTorch's own error + floor)"
 
 
 @pytest.mark.parametrize("dtype, queue_dtype, floor", DTYPES)
