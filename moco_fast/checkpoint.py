@@ -10,6 +10,7 @@ from another program) is one CheckpointError naming the file and the cause.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import glob
 import os
@@ -33,27 +34,44 @@ class CheckpointWriteError(OSError):
 
 
 # ------------------------------------------------------------------------------------------ write
+@contextlib.contextmanager
+def atomic_file(path: str, text: bool = False, shared: bool = False, check=None, keep_previous: str | None = None):
+    """The one atomic writer: yields a temp file next to path; when the body returns, the file is
+    fsynced, check(temp path) runs (it may raise), the old file moves to keep_previous when given, and
+    the temp file is renamed over path (then the directory is fsynced, so the rename survives a power
+    cut). On any error path is untouched and no temp file is left. shared: readable by every user
+    (mkstemp's 0600 would hide an export or a shared cache)."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=directory)
+    try:
+        with os.fdopen(fd, "w" if text else "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        if check is not None:
+            check(tmp)
+        if shared:
+            os.chmod(tmp, 0o644)
+        if keep_previous and os.path.isfile(path):
+            os.replace(path, keep_previous)
+        os.replace(tmp, path)
+        _fsync_dir(directory)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
 def save_atomic(obj: dict, path: str, keep_previous: str | None = None) -> None:
-    """Write obj to path so that a crash leaves either the old file or the new one, never half of one.
+    """torch.save(obj) through atomic_file: a crash leaves either the old file or the new one.
 
     The new file is read back (weights_only=True) before it replaces the old one: an object that
     torch.save accepts but a safe load refuses never costs the last good checkpoint. keep_previous:
     the old file is moved there first, so a checkpoint damaged later still leaves one to resume from.
     """
-    directory = os.path.dirname(os.path.abspath(path))
-    tmp = None
     try:
-        os.makedirs(directory, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=".pth", dir=directory)
-        with os.fdopen(fd, "wb") as f:
+        with atomic_file(path, check=lambda tmp: _read_back(tmp, path, obj), keep_previous=keep_previous) as f:
             _save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        _read_back(tmp, path, obj)
-        if keep_previous and os.path.isfile(path):
-            os.replace(path, keep_previous)
-        os.replace(tmp, path)
-        _fsync_dir(directory)
     except CheckpointWriteError:
         raise
     except OSError as err:
@@ -62,9 +80,11 @@ def save_atomic(obj: dict, path: str, keep_previous: str | None = None) -> None:
     except RuntimeError as err:  # torch.save reports a failed write of its zip writer this way
         raise CheckpointWriteError(f"cannot write the checkpoint {path}: {_first_line(err)}; "
                                    "the previous checkpoint is kept") from None
-    finally:
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
+
+
+def write_text_atomic(path: str, text: str) -> None:
+    with atomic_file(path, text=True) as f:
+        f.write(text)
 
 
 class _Recorded:
@@ -125,21 +145,6 @@ def _os_cause(err: OSError) -> str:
 def _first_line(err: BaseException) -> str:
     text = str(err).strip().splitlines()
     return text[0] if text else type(err).__name__
-
-
-def write_text_atomic(path: str, text: str) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=directory)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def remove_stale_temps(directory: str) -> list[str]:
@@ -225,6 +230,60 @@ def newest_loadable(paths: list[str], required: tuple, what: str, position) -> t
         return None, None, skipped
     _, best = max(found)
     return best, load_checkpoint(best, required, what), skipped
+
+
+def find_resume(resume: str, candidates: list[str], required: tuple, what: str, position,
+                say=print) -> tuple[str | None, dict | None]:
+    """(path, checkpoint) to continue from, or (None, None) for a fresh run. --resume PATH must load;
+    --resume auto takes the checkpoint furthest along (position) among candidates that loads, and says
+    which it skipped and why; when none of them loads it is an error, not a silent fresh start."""
+    if not resume:
+        return None, None
+    if resume != "auto":
+        return resume, load_checkpoint(resume, required, what)
+    path, ck, skipped = newest_loadable(candidates, required, what, position)
+    for _, why in skipped:
+        say(f"--resume auto: skipped {why}")
+    if path is None and skipped:
+        where = os.path.dirname(candidates[0]) or "."
+        raise CheckpointError(f"--resume auto: none of the {len(skipped)} checkpoints in {where} loads (above); "
+                              "move them away to start afresh there, or pass --resume PATH")
+    return path, ck
+
+
+def candidates(output_dir: str, per_epoch: bool = False) -> list[str]:
+    """What --resume auto looks at: the latest checkpoint, the one it replaced, the per-epoch ones."""
+    join = lambda name: os.path.join(output_dir, name)  # noqa: E731
+    epochs = sorted(glob.glob(join("checkpoint_epoch*.pth"))) if per_epoch else []
+    return [join("checkpoint.pth"), join("checkpoint_prev.pth"), *epochs]
+
+
+# ------------------------------------------------------------------------------- pretraining's
+PRETRAIN_KEYS = ("model", "optimizer", "epoch", "step_in_epoch", "global_step", "rng", "config")
+PRETRAIN_WHAT = "a checkpoint of scripts/pretrain.py"
+
+
+def save_pretrain(cfg, model, opt_state: dict, pos: dict, skipped: int, name: str = "checkpoint.pth") -> str:
+    """The latest checkpoint.pth replaces the one before it only once it reads back; that one is kept
+    as checkpoint_prev.pth, for --resume auto to fall back on."""
+    path = os.path.join(cfg.output_dir, name)
+    previous = os.path.join(cfg.output_dir, "checkpoint_prev.pth") if name == "checkpoint.pth" else None
+    save_atomic({"model": model.state_dict(), "optimizer": opt_state, **pos, "rng": rng_state(),
+                 "config": cfg.to_dict(), "skipped_images": skipped}, path, keep_previous=previous)
+    return path
+
+
+def restore_pretrain(model, opt, path: str, ck: dict) -> dict:
+    """Load a pretraining checkpoint into the model, the optimizer and the RNGs; returns the position."""
+    try:
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as err:
+        text = " ".join(str(err).split())
+        raise CheckpointError(f"cannot resume from {path}: it does not fit this run's model or optimizer "
+                              f"(another --arch, --moco-dim, --moco-k, --mlp?): {text[:400]}") from None
+    set_rng_state(ck["rng"])
+    return {key: ck[key] for key in ("epoch", "step_in_epoch", "global_step")}
 
 
 # -------------------------------------------------------------------------------------------- rng

@@ -1,6 +1,8 @@
-"""Weighted kNN classification of frozen features (the official CIFAR demo's monitor: k=200, t=0.1).
+"""Evaluation of frozen features: weighted kNN classification (the official CIFAR demo's monitor: k=200,
+t=0.1) and the linear head's accuracy and checks (the official main_lincls.py's).
 
-The same code serves the trainer's monitor, the demo's baselines and scripts/knn.py.
+The same kNN code serves the trainer's monitor, the demo's baselines and scripts/knn.py; the linear
+head's serves moco_fast.lincls (scripts/lincls.py).
 """
 from __future__ import annotations
 
@@ -80,3 +82,50 @@ def knn_eval(encoder, train_loader, test_loader, num_classes: int, device, k: in
     train = extract_features(encoder, train_loader, device, pixels)
     test = extract_features(encoder, test_loader, device, pixels)
     return knn_accuracy(*train, *test, num_classes, k, t)
+
+
+def knn_monitor(cfg, model, knn, device, log, step: int, baselines: bool) -> dict:
+    """The trainer's kNN of the query encoder on knn = (bank loader, test loader, classes), logged."""
+    bank, test, classes = knn
+    result = knn_eval(model.encoder_q, bank, test, classes, device, cfg.knn_k, cfg.knn_t)
+    if baselines:  # what the learned features must beat: raw pixels, and this encoder before training
+        result["pixels_top1"] = knn_eval(None, bank, test, classes, device, cfg.knn_k, cfg.knn_t, pixels=True)["knn_top1"]
+        result["untrained_top1"] = result["knn_top1"]
+    log.record("knn", step, result)
+    return result
+
+
+# ---------------------------------------------------------------------------------- linear head
+class BackboneChanged(RuntimeError):
+    pass
+
+
+def new_head(feature_dim: int, num_classes: int) -> nn.Linear:
+    """The official initialisation: N(0, 0.01) weights, zero bias."""
+    fc = nn.Linear(feature_dim, num_classes)
+    fc.weight.data.normal_(mean=0.0, std=0.01)
+    fc.bias.data.zero_()
+    return fc
+
+
+@torch.no_grad()
+def head_accuracy(backbone, fc, loader, device) -> dict:
+    """Acc@1 and Acc@5 (in %) on a loader of images, or of cached features when backbone is None."""
+    fc.eval()
+    hits1 = hits5 = total = 0
+    for batch in loader:
+        x, y = batch[0].to(device), torch.as_tensor(batch[1]).to(device)
+        feats = x if backbone is None else backbone(x)
+        top = fc(feats.float()).topk(min(5, fc.out_features), dim=1).indices
+        hits1 += (top[:, 0] == y).sum().item()
+        hits5 += (top == y[:, None]).any(dim=1).sum().item()
+        total += len(y)
+    fc.train()
+    return {"acc1": 100.0 * hits1 / total, "acc5": 100.0 * hits5 / total}
+
+
+def sanity_check(backbone: nn.Module, reference: dict) -> None:
+    """The official check: training the linear head must not have touched any backbone tensor."""
+    changed = [k for k, v in backbone.state_dict().items() if not torch.equal(v.cpu(), reference[k].cpu())]
+    if changed:
+        raise BackboneChanged(f"the frozen backbone changed during linear training: {changed[:10]}")

@@ -6,15 +6,14 @@ with SGD (lr 30, momentum 0.9, no weight decay) for 100 epochs, lr x0.1 at epoch
 256, RandomResizedCrop + flip for training and resize 256 / center crop 224 for validation; at the
 end the backbone is checked to be bitwise unchanged (BatchNorm statistics included).
 --cached-features extracts the frozen features once (center crops) and trains the same fc on them.
+-e/--evaluate only evaluates the head of a lincls checkpoint (--resume) on the validation split.
+The config (LinclsConfig, its flags and presets) lives in moco_fast.config, with pretraining's.
 """
 from __future__ import annotations
 
-import argparse
 import copy
-import dataclasses
 import itertools
 import os
-from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -22,92 +21,11 @@ import torch.nn.functional as F
 from torchvision import transforms
 
 from moco_fast import checkpoint, data
+from moco_fast.config import LinclsConfig, learning_rate
 from moco_fast.encoders import ARCHS
-from moco_fast.evaluate import extract_features
+from moco_fast.evaluate import extract_features, head_accuracy, new_head, sanity_check
 from moco_fast.monitor import RunLog, plot_run
 from moco_fast.preemption import Stopped, StopRequest
-
-
-class BackboneChanged(RuntimeError):
-    pass
-
-
-@dataclasses.dataclass
-class LinclsConfig:
-    pretrained: Optional[str] = None    # a pretrain.py checkpoint or an official MoCo release
-    data: Optional[str] = None          # None: the demo data (Fashion-MNIST)
-    arch: Optional[str] = None          # taken from the checkpoint when it says
-    dataset: str = "auto"
-    image_size: Optional[int] = None
-    epochs: int = 100
-    batch_size: int = 256
-    lr: float = 30.0
-    schedule: tuple = (60, 80)
-    weight_decay: float = 0.0
-    workers: int = 32
-    cached_features: bool = False
-    baseline: Optional[str] = None      # "pixels" or "untrained": what the learned features must beat
-    output_dir: str = "runs/lincls"
-    resume: str = ""
-    seed: int = 0
-    preset: Optional[str] = None
-    device: str = "auto"
-
-    def to_dict(self) -> dict:
-        return {**dataclasses.asdict(self), "schedule": list(self.schedule)}
-
-
-PRESETS = {
-    "official": {},
-    # small images (CIFAR, STL-10, Fashion-MNIST): the same schedule, small-image transforms (by data set)
-    "small": dict(workers=8),
-    # after the pretraining demo, on the CPU: cached features make 100 epochs take seconds
-    "demo": dict(pretrained="runs/moco/checkpoint.pth", cached_features=True, workers=1, batch_size=256),
-}
-
-
-def parse_args(argv=None) -> LinclsConfig:
-    p = argparse.ArgumentParser(description="linear classification on frozen MoCo features")
-    p.add_argument("data", nargs="?", default=None, help="data path; omitted: the Fashion-MNIST demo data")
-    p.add_argument("--pretrained", help="checkpoint of scripts/pretrain.py or an official MoCo release")
-    p.add_argument("--preset", choices=sorted(PRESETS))
-    p.add_argument("-a", "--arch", choices=sorted(ARCHS), metavar="ARCH", help=f"one of {', '.join(sorted(ARCHS))}")
-    p.add_argument("--dataset", choices=["auto", *data.DATASETS])
-    p.add_argument("--image-size", type=int)
-    p.add_argument("--epochs", type=int)
-    p.add_argument("-b", "--batch-size", type=int)
-    p.add_argument("--lr", type=float)
-    p.add_argument("--schedule", type=int, nargs="*")
-    p.add_argument("--wd", dest="weight_decay", type=float)
-    p.add_argument("-j", "--workers", type=int)
-    p.add_argument("--cached-features", action="store_const", const=True)
-    p.add_argument("--baseline", choices=["pixels", "untrained"],
-                   help="instead of --pretrained: raw pixels, or the --arch encoder at its random init")
-    p.add_argument("--output-dir")
-    p.add_argument("--resume", help="a checkpoint path or 'auto'")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--device", choices=["auto", "cuda", "cpu"])
-    args = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
-    preset = args.get("preset") or (None if args.get("data") else "demo")
-    values = {**PRESETS.get(preset, {}), **args, "preset": preset}
-    if "schedule" in values:
-        values["schedule"] = tuple(values["schedule"])
-    cfg = LinclsConfig(**values)
-    if cfg.baseline:
-        cfg.pretrained = None
-    elif not cfg.pretrained:
-        p.error("--pretrained is required: a checkpoint of scripts/pretrain.py or an official MoCo one")
-    if cfg.baseline == "untrained" and not cfg.arch:
-        p.error(f"--baseline untrained needs --arch, one of {sorted(ARCHS)}")
-    for name in ("epochs", "batch_size"):
-        if getattr(cfg, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
-    if cfg.lr <= 0 or cfg.workers < 0:
-        p.error(f"--lr must be positive and -j/--workers >= 0, got {cfg.lr} and {cfg.workers}")
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if cfg.batch_size % world_size:
-        p.error(f"-b/--batch-size {cfg.batch_size} (global) is not divisible by the {world_size} processes")
-    return cfg
 
 
 def baseline_backbone(cfg: LinclsConfig) -> tuple[nn.Module, int]:
@@ -123,64 +41,20 @@ def baseline_backbone(cfg: LinclsConfig) -> tuple[nn.Module, int]:
     return encoder, dim
 
 
-def sanity_check(backbone: nn.Module, reference: dict) -> None:
-    """The official check: training the linear head must not have touched any backbone tensor."""
-    changed = [k for k, v in backbone.state_dict().items() if not torch.equal(v.cpu(), reference[k].cpu())]
-    if changed:
-        raise BackboneChanged(f"the frozen backbone changed during linear training: {changed[:10]}")
-
-
 def train_transform(spec: dict) -> transforms.Compose:
     size, normalize = spec["image_size"], transforms.Normalize(spec["mean"], spec["std"])
     crop = transforms.RandomResizedCrop(size) if not spec["small"] else transforms.RandomCrop(size, padding=4)
     return transforms.Compose([crop, transforms.RandomHorizontalFlip(), transforms.ToTensor(), normalize])
 
 
-def new_head(feature_dim: int, num_classes: int) -> nn.Linear:
-    fc = nn.Linear(feature_dim, num_classes)
-    fc.weight.data.normal_(mean=0.0, std=0.01)
-    fc.bias.data.zero_()
-    return fc
-
-
-def lr_at(cfg, epoch: int) -> float:
-    return cfg.lr * 0.1 ** sum(epoch >= m for m in cfg.schedule)
-
-
-@torch.no_grad()
-def evaluate(backbone, fc, loader, device) -> dict:
-    """Acc@1 and Acc@5 (in %) on a loader of images, or of cached features when backbone is None."""
-    fc.eval()
-    hits1 = hits5 = total = 0
-    for batch in loader:
-        x, y = batch[0].to(device), torch.as_tensor(batch[1]).to(device)
-        feats = x if backbone is None else backbone(x)
-        top = fc(feats.float()).topk(min(5, fc.out_features), dim=1).indices
-        hits1 += (top[:, 0] == y).sum().item()
-        hits5 += (top == y[:, None]).any(dim=1).sum().item()
-        total += len(y)
-    fc.train()
-    return {"acc1": 100.0 * hits1 / total, "acc5": 100.0 * hits5 / total}
-
-
 LINCLS_KEYS = ("fc", "optimizer", "epoch", "rng", "config")
 LINCLS_WHAT = "a checkpoint of scripts/lincls.py"
 
 
-def find_resume(cfg, say=print) -> tuple[str | None, dict | None]:
-    """(path, checkpoint) to continue from: --resume PATH must load; --resume auto takes the newest of
-    checkpoint.pth and checkpoint_prev.pth that loads (None: a fresh run) and says what it skipped."""
-    if not cfg.resume:
-        return None, None
-    if cfg.resume != "auto":
-        return cfg.resume, checkpoint.load_checkpoint(cfg.resume, LINCLS_KEYS, LINCLS_WHAT)
-    paths = [os.path.join(cfg.output_dir, name) for name in ("checkpoint.pth", "checkpoint_prev.pth")]
-    path, ck, skipped = checkpoint.newest_loadable(paths, LINCLS_KEYS, LINCLS_WHAT, position=_position)
-    for _, why in skipped:
-        say(f"--resume auto: skipped {why}")
-    if path is None and skipped:
-        raise checkpoint.CheckpointError(f"--resume auto: no checkpoint in {cfg.output_dir} loads (above)")
-    return path, ck
+def find_resume(cfg: LinclsConfig, say=print) -> tuple[str | None, dict | None]:
+    """(path, checkpoint) to continue from (checkpoint.find_resume over checkpoint.pth, checkpoint_prev.pth)."""
+    return checkpoint.find_resume(cfg.resume, checkpoint.candidates(cfg.output_dir), LINCLS_KEYS, LINCLS_WHAT,
+                                  position=_position, say=say)
 
 
 def _position(ck: dict) -> tuple[int, int]:
@@ -227,51 +101,89 @@ def _start_epoch(loader, epoch: int, skip_batches: int) -> None:
 def train_linear(cfg, backbone, feature_dim: int, train_loader, val_loader, num_classes: int, device,
                  log: RunLog, cached: bool, is_main: bool = True, resume: tuple = (None, None),
                  stop: StopRequest | None = None) -> dict:
-    """The official schedule over `cfg.epochs`, from resume = (path, checkpoint) when given. Under a
-    process group the head is DDP-wrapped (each process reads its shard); rank 0 logs and saves. A stop
-    request ends the run after the current step with a checkpoint of it (Stopped)."""
+    """The official schedule over `cfg.epochs` (or until --max-steps), from resume = (path, checkpoint)
+    when given. Under a process group the head is DDP-wrapped (each process reads its shard); rank 0
+    logs and saves. A stop request ends the run after the current step with a checkpoint of it (Stopped)."""
     torch.manual_seed(cfg.seed)  # the head's initialisation, the same on every process
     fc = new_head(feature_dim, num_classes).to(device)
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     model = nn.parallel.DistributedDataParallel(fc) if distributed else fc
     opt = torch.optim.SGD(fc.parameters(), lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
-    bf16 = torch.device(device).type == "cuda"
     path, steps_per_epoch = os.path.join(cfg.output_dir, "checkpoint.pth"), len(train_loader)
+    limit = cfg.epochs * steps_per_epoch if cfg.max_steps is None else min(cfg.max_steps, cfg.epochs * steps_per_epoch)
     start, skip, best = _restore(fc, opt, *resume, log)
     save = lambda epoch, done, best: is_main and checkpoint.save_atomic(  # noqa: E731
         {"fc": fc.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch, "step_in_epoch": done,
          "best": best, "rng": checkpoint.rng_state(), "config": cfg.to_dict()},
         path, keep_previous=os.path.join(cfg.output_dir, "checkpoint_prev.pth"))
-    result = best
+    result, step = best, start * steps_per_epoch + skip
     for epoch in range(start, cfg.epochs):
+        if step >= limit:
+            break
+        lr = learning_rate(cfg, epoch)
         for group in opt.param_groups:
-            group["lr"] = lr_at(cfg, epoch)
+            group["lr"] = lr
         _start_epoch(train_loader, epoch, skip)
-        step, done = epoch * steps_per_epoch + skip, skip
         log.start_epoch(epoch, steps_per_epoch, skip)
-        for batch in train_loader:
-            x, y = batch[0].to(device, non_blocking=True), torch.as_tensor(batch[1]).to(device)
-            with torch.no_grad(), torch.autocast(torch.device(device).type, torch.bfloat16, enabled=bf16):
-                feats = x if cached else backbone(x)
-            loss = F.cross_entropy(model(feats.float()), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            step, done = step + 1, done + 1
-            log.advance()
-            if stop is not None and stop.should_stop() and done < steps_per_epoch:
-                _stop_mid_epoch(save, log, stop, epoch, done, step, best)
+        on_stop = lambda done, step: _stop_mid_epoch(save, log, stop, epoch, done, step, best)  # noqa: E731
+        step, done, loss = _train_epoch(cfg, model, opt, backbone if not cached else None, train_loader, device,
+                                        log, (epoch, step, skip, limit, steps_per_epoch), stop, on_stop)
         log.end_epoch()
         skip = 0
-        result = evaluate(None if cached else backbone, fc, val_loader, device)
+        result = head_accuracy(None if cached else backbone, fc, val_loader, device)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"the linear head's loss is {loss.item()} in epoch {epoch}")
         best = max(best, result, key=lambda r: r.get("acc1", -1)) if best else result
-        log.record("lincls", step, {"epoch": epoch + 1, "loss": loss.item(), "lr": lr_at(cfg, epoch), **result})
-        save(epoch + 1, 0, best)
+        ended = done < steps_per_epoch  # --max-steps ended the run mid-epoch
+        log.record("lincls", step, {"epoch": epoch + done / steps_per_epoch if ended else epoch + 1,
+                                    "loss": loss.item(), "lr": lr, **result})
+        save(epoch + (0 if ended else 1), done if ended else 0, best)
         if stop is not None and stop.agreed:
             _stop_mid_epoch(save, log, stop, epoch + 1, 0, step, best, saved=True)
     return {"last": result, "best": best}
+
+
+def _train_epoch(cfg, model, opt, backbone, loader, device, log, where: tuple, stop, on_stop):
+    """The steps of one epoch from where = (epoch, global step, batches done, step limit, steps per
+    epoch); a train row every --print-freq steps; returns (global step, batches done, last loss)."""
+    epoch, step, done, limit, steps_per_epoch = where
+    bf16 = torch.device(device).type == "cuda"
+    loss = torch.zeros(())
+    for batch in loader:
+        x, y = batch[0].to(device, non_blocking=True), torch.as_tensor(batch[1]).to(device)
+        with torch.no_grad(), torch.autocast(torch.device(device).type, torch.bfloat16, enabled=bf16):
+            feats = x if backbone is None else backbone(x)
+        loss = F.cross_entropy(model(feats.float()), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step, done = step + 1, done + 1
+        log.advance()
+        if step % cfg.print_freq == 0:  # one host read of the loss every --print-freq steps, as the official
+            log.record("train", step, {"epoch": epoch, "loss": loss.item(), "lr": opt.param_groups[0]["lr"]})
+        if step >= limit:
+            break
+        if stop is not None and stop.should_stop() and done < steps_per_epoch:
+            on_stop(done, step)  # raises Stopped once the checkpoint of this step is written
+    return step, done, loss
+
+
+def evaluate_only(backbone, feature_dim: int, val_loader, num_classes: int, device, resume: tuple,
+                  say=print) -> dict:
+    """-e/--evaluate: the head of the --resume checkpoint (resume = (path, checkpoint)) on the validation
+    split; nothing is trained and nothing in --output-dir is written."""
+    path, ck = resume
+    if ck is None:
+        raise checkpoint.CheckpointError("-e/--evaluate: --resume auto found no checkpoint of scripts/lincls.py")
+    fc = new_head(feature_dim, num_classes).to(device)
+    try:
+        fc.load_state_dict(ck["fc"])
+    except (RuntimeError, KeyError) as err:
+        raise checkpoint.CheckpointError(f"-e/--evaluate: the head in {path} does not fit these features "
+                                         f"({feature_dim}-d, {num_classes} classes): {' '.join(str(err).split())[:300]}") from None
+    result = head_accuracy(backbone, fc, val_loader, device)
+    say(f"evaluated {path} (epoch {ck['epoch']}): top-1 {result['acc1']:.2f}%, top-5 {result['acc5']:.2f}%")
+    return {"last": result, "best": ck.get("best") or result}
 
 
 def _restore(fc, opt, path, ck, log) -> tuple[int, int, dict]:
@@ -360,6 +272,9 @@ def run_lincls(cfg, backbone, feature_dim: int, device, rank: int = 0, world_siz
     num_classes = len(val.classes)
     make = lambda ds, shuffle: data.make_loader(ds, per_rank, cfg.workers, shuffle, drop_last=False,  # noqa: E731
                                                 distributed=shuffle and world_size > 1)
+    if cfg.evaluate:
+        return evaluate_only(backbone, feature_dim, make(val, False), num_classes, device, resume,
+                             print if rank == 0 else lambda *_: None)
     if cfg.cached_features:
         bank = data.build_dataset(cfg.data, "train", evaluation, cfg.dataset, labelled=True)
         train_loader, val_loader = cached_loaders(backbone, make(bank, False), make(val, False), device,

@@ -1,4 +1,5 @@
-"""What a run shows and leaves behind: progress on rank 0, metrics.jsonl, TensorBoard, plot.png."""
+"""What a run shows and leaves behind: progress on rank 0, metrics.jsonl, TensorBoard, plot.png; and the
+per-step metrics kept on the device between two logged steps (Meter)."""
 from __future__ import annotations
 
 import json
@@ -6,7 +7,45 @@ import os
 import sys
 import time
 
+import torch
+
 from moco_fast.checkpoint import write_text_atomic
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+class Meter:
+    """Per-step metrics kept on the device; read (one host sync) every --print-freq steps."""
+
+    def __init__(self):
+        self.rows = []
+        self.first_step, self.wait, self.start = None, 0.0, time.perf_counter()
+
+    def add(self, step: int, metrics: torch.Tensor, wait: float) -> None:
+        """metrics: a device tensor [loss, acc1, acc5] of one step (TrainStep's result)."""
+        self.first_step = step if self.first_step is None else self.first_step
+        self.rows.append(metrics)
+        self.wait += wait
+
+    def flush(self, images_per_step: int) -> dict | None:
+        """Means since the last flush; raises NonFiniteLoss naming the first step whose loss is NaN or inf."""
+        if not self.rows:
+            return None
+        rows = torch.stack(self.rows).float().cpu()
+        losses = rows[:, 0]
+        bad = (~torch.isfinite(losses)).nonzero()
+        if len(bad):
+            step = self.first_step + int(bad[0])
+            raise NonFiniteLoss(f"the loss is {losses[int(bad[0])].item()} at step {step}: stopping; "
+                                "the last checkpoint, written before that step, is kept")
+        elapsed = time.perf_counter() - self.start
+        out = {"loss": losses.mean().item(), "acc1": 100 * rows[:, 1].mean().item(),
+               "acc5": 100 * rows[:, 2].mean().item(),
+               "img_per_s": images_per_step * len(losses) / elapsed, "data_wait": self.wait / elapsed}
+        self.__init__()
+        return out
 
 
 class RunLog:

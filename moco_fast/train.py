@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import glob
-import math
 import os
 import random
 import time
@@ -21,20 +19,16 @@ import torch
 import torch.nn as nn
 
 from moco_fast import checkpoint, data, gpu_data
-from moco_fast.config import Config, check_data_fits, validate
+from moco_fast.config import Config, check_data_fits, ema_momentum, learning_rate, validate
 from moco_fast.distributed import DistInfo, agree_on_int, cleanup_distributed, setup_distributed
 from moco_fast.encoders import get_encoder
-from moco_fast.evaluate import knn_eval
+from moco_fast.evaluate import knn_monitor
 from moco_fast.gpu_augment import recipe_name
 from moco_fast.model import MoCo
-from moco_fast.monitor import RunLog, plot_run
+from moco_fast.monitor import Meter, RunLog, plot_run
 from moco_fast.preemption import Stopped, StopRequest
 from moco_fast.step import (DDP_WARMUP, TrainStep, check_capturable, fast_cuda_settings, optimizer_state,
                             set_learning_rate)
-
-
-class NonFiniteLoss(RuntimeError):
-    pass
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -146,123 +140,15 @@ def build_model(cfg: Config, device: torch.device) -> MoCo:
     return model
 
 
-def learning_rate(cfg: Config, epoch: int) -> float:
-    """The official schedule, set at the start of each epoch: half-cosine (--cos) or 10x steps."""
-    if cfg.cos:
-        return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * epoch / cfg.epochs))
-    return cfg.lr * 0.1 ** sum(epoch >= milestone for milestone in cfg.schedule)
-
-
-def ema_momentum(cfg: Config, step: int, total_steps: int) -> float:
-    if not cfg.moco_m_cos:
-        return cfg.moco_m
-    return 1.0 - (1.0 - cfg.moco_m) * (math.cos(math.pi * step / max(1, total_steps)) + 1) / 2
-
-
-class Meter:
-    """Per-step metrics kept on the device; read (one host sync) every --print-freq steps."""
-
-    def __init__(self):
-        self.rows = []
-        self.first_step, self.wait, self.start = None, 0.0, time.perf_counter()
-
-    def add(self, step: int, metrics: torch.Tensor, wait: float) -> None:
-        """metrics: a device tensor [loss, acc1, acc5] of one step (TrainStep's result)."""
-        self.first_step = step if self.first_step is None else self.first_step
-        self.rows.append(metrics)
-        self.wait += wait
-
-    def flush(self, images_per_step: int) -> dict | None:
-        """Means since the last flush; raises NonFiniteLoss naming the first step whose loss is NaN or inf."""
-        if not self.rows:
-            return None
-        rows = torch.stack(self.rows).float().cpu()
-        losses = rows[:, 0]
-        bad = (~torch.isfinite(losses)).nonzero()
-        if len(bad):
-            step = self.first_step + int(bad[0])
-            raise NonFiniteLoss(f"the loss is {losses[int(bad[0])].item()} at step {step}: stopping; "
-                                "the last checkpoint, written before that step, is kept")
-        elapsed = time.perf_counter() - self.start
-        out = {"loss": losses.mean().item(), "acc1": 100 * rows[:, 1].mean().item(),
-               "acc5": 100 * rows[:, 2].mean().item(),
-               "img_per_s": images_per_step * len(losses) / elapsed, "data_wait": self.wait / elapsed}
-        self.__init__()
-        return out
-
-
-PRETRAIN_KEYS = ("model", "optimizer", "epoch", "step_in_epoch", "global_step", "rng", "config")
-PRETRAIN_WHAT = "a checkpoint of scripts/pretrain.py"
-
-
-def checkpoint_candidates(output_dir: str) -> list[str]:
-    """What --resume auto looks at: the latest checkpoint, the one it replaced, the per-epoch ones."""
-    join = lambda name: os.path.join(output_dir, name)  # noqa: E731
-    epochs = sorted(glob.glob(join("checkpoint_epoch*.pth")))
-    return [join("checkpoint.pth"), join("checkpoint_prev.pth"), *epochs]
-
-
-def find_resume(cfg: Config, say) -> tuple[str | None, dict | None]:
-    """(path, checkpoint) to continue from, or (None, None) for a fresh run. --resume PATH must load;
-    --resume auto takes the checkpoint furthest along that loads, and says which it skipped and why."""
-    if not cfg.resume:
-        return None, None
-    if cfg.resume != "auto":
-        return cfg.resume, checkpoint.load_checkpoint(cfg.resume, PRETRAIN_KEYS, PRETRAIN_WHAT)
-    path, ck, skipped = checkpoint.newest_loadable(checkpoint_candidates(cfg.output_dir), PRETRAIN_KEYS,
-                                                   PRETRAIN_WHAT, position=lambda c: c["global_step"])
-    for _, why in skipped:
-        say(f"--resume auto: skipped {why}")
-    if path is None and skipped:
-        raise checkpoint.CheckpointError(
-            f"--resume auto: none of the {len(skipped)} checkpoints in {cfg.output_dir} loads (above); move "
-            "them away to start afresh there, or pass --resume PATH")
-    return path, ck
-
-
-def restore(model: MoCo, opt: torch.optim.Optimizer, path: str, ck: dict) -> dict:
-    """Load the checkpoint into the model, the optimizer and the RNGs; returns the position."""
-    try:
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
-    except (RuntimeError, ValueError, KeyError) as err:
-        text = " ".join(str(err).split())
-        raise checkpoint.CheckpointError(f"cannot resume from {path}: it does not fit this run's model or "
-                                         f"optimizer (another --arch, --moco-dim, --moco-k, --mlp?): {text[:400]}") from None
-    checkpoint.set_rng_state(ck["rng"])
-    return {key: ck[key] for key in ("epoch", "step_in_epoch", "global_step")}
-
-
 def make_optimizer(cfg: Config, model: MoCo, device: torch.device) -> torch.optim.Optimizer:
     fused = device.type == "cuda"
     return torch.optim.SGD(model.encoder_q.parameters(), cfg.lr, momentum=cfg.momentum,
                            weight_decay=cfg.weight_decay, foreach=not fused, fused=fused or None)
 
 
-def save_checkpoint(cfg, model, opt, pos: dict, skipped: int, name: str = "checkpoint.pth") -> str:
-    """The latest checkpoint.pth replaces the one before it only once it reads back; that one is kept
-    as checkpoint_prev.pth, for --resume auto to fall back on."""
-    path = os.path.join(cfg.output_dir, name)
-    previous = os.path.join(cfg.output_dir, "checkpoint_prev.pth") if name == "checkpoint.pth" else None
-    checkpoint.save_atomic({"model": model.state_dict(), "optimizer": optimizer_state(opt), **pos,
-                            "rng": checkpoint.rng_state(), "config": cfg.to_dict(), "skipped_images": skipped},
-                           path, keep_previous=previous)
-    return path
-
-
 def decode_counts(loader) -> dict:
     """The GPU data path's count of images decoded on the CPU (PNG, CMYK, ...), for the log."""
     return {"cpu_decodes": loader.cpu_decodes} if hasattr(loader, "cpu_decodes") else {}
-
-
-def knn_monitor(cfg, model, knn, device, log: RunLog, step: int, baselines: bool) -> dict:
-    bank, test, classes = knn
-    result = knn_eval(model.encoder_q, bank, test, classes, device, cfg.knn_k, cfg.knn_t)
-    if baselines:  # what the learned features must beat: raw pixels, and this encoder before training
-        result["pixels_top1"] = knn_eval(None, bank, test, classes, device, cfg.knn_k, cfg.knn_t, pixels=True)["knn_top1"]
-        result["untrained_top1"] = result["knn_top1"]
-    log.record("knn", step, result)
-    return result
 
 
 def run(cfg: Config) -> dict:
@@ -293,7 +179,9 @@ def _run(cfg: Config, info: DistInfo, stop: StopRequest) -> dict:
     validate(cfg, info.world_size)  # parse_config did for the command line; configs built in Python too
     device = info.device
     seed = cfg.seed if cfg.seed is not None else 0
-    resume_path, ck = find_resume(cfg, print if info.is_main else lambda *_: None)
+    resume_path, ck = checkpoint.find_resume(
+        cfg.resume, checkpoint.candidates(cfg.output_dir, per_epoch=True), checkpoint.PRETRAIN_KEYS,
+        checkpoint.PRETRAIN_WHAT, position=lambda c: c["global_step"], say=print if info.is_main else lambda *_: None)
     resume_step = agree_on_int(ck["global_step"] if ck else -1, "the step to resume from")
     if info.is_main and os.path.isdir(cfg.output_dir):
         checkpoint.remove_stale_temps(cfg.output_dir)  # left by a writer killed mid-write
@@ -321,7 +209,7 @@ def _run(cfg: Config, info: DistInfo, stop: StopRequest) -> dict:
     opt = make_optimizer(cfg, model, device)
     pos = {"epoch": 0, "step_in_epoch": 0, "global_step": 0}
     if ck:
-        pos = restore(model, opt, resume_path, ck)
+        pos = checkpoint.restore_pretrain(model, opt, resume_path, ck)
         del ck  # the loaded copy of the weights is no longer needed
         log.info(f"resumed from {resume_path} at epoch {pos['epoch']}, step {pos['global_step']}")
     train_step = TrainStep(step_fn, opt, device, use_bf16, cuda_graph=cfg.cuda_graph,
@@ -379,7 +267,7 @@ def _train(cfg: Config, info: DistInfo, p: _Parts, pos: dict, stop: StopRequest)
                                                             **decode_counts(p.loader)})
             if info.is_main and (done or stopping or time.monotonic() - last_save > 60 * cfg.checkpoint_minutes):
                 last = meter.flush(cfg.batch_size) or last  # never save past a non-finite loss
-                save_checkpoint(cfg, p.model, p.opt, pos, p.skips.count)
+                checkpoint.save_pretrain(cfg, p.model, optimizer_state(p.opt), pos, p.skips.count)
                 last_save = time.monotonic()
             if done or stopping:
                 break
@@ -401,10 +289,10 @@ def _train(cfg: Config, info: DistInfo, p: _Parts, pos: dict, stop: StopRequest)
 def _end_of_epoch(cfg: Config, info: DistInfo, p: _Parts, pos: dict, meter: Meter, last: dict, knn: bool) -> dict:
     """Rank 0 at an epoch boundary: the checkpoint, the per-epoch one when asked, the kNN monitor."""
     last = meter.flush(cfg.batch_size) or last
-    save_checkpoint(cfg, p.model, p.opt, pos, p.skips.count)
+    checkpoint.save_pretrain(cfg, p.model, optimizer_state(p.opt), pos, p.skips.count)
     epoch = pos["epoch"]  # the number of epochs done
     if cfg.save_every and epoch % cfg.save_every == 0:
-        save_checkpoint(cfg, p.model, p.opt, pos, p.skips.count, f"checkpoint_epoch{epoch}.pth")
+        checkpoint.save_pretrain(cfg, p.model, optimizer_state(p.opt), pos, p.skips.count, f"checkpoint_epoch{epoch}.pth")
     if knn and p.knn is not None and (epoch % cfg.knn_every == 0 or epoch == cfg.epochs):
         last = {**last, **knn_monitor(cfg, p.model, p.knn, info.device, p.log, pos["global_step"], baselines=False)}
     return last

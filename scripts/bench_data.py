@@ -14,8 +14,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from moco_fast.benchmark import machine_header, print_table, write_json  # noqa: E402
-from moco_fast.benchmark_data import run  # noqa: E402
+from moco_fast.bench.data import run  # noqa: E402
+from moco_fast.bench.report import Report  # noqa: E402
 
 
 def main():
@@ -29,20 +29,18 @@ def main():
     parser.add_argument("--json", help="also write every figure to this JSON file")
     args = parser.parse_args()
     device = torch.device(args.device)
-    header = machine_header(device.type)
-    print(" | ".join(f"{k}: {v}" for k, v in header.items()), flush=True)
+    report = Report(device.type, args.json)
     columns = ["pipeline", "device", "img_per_s", "vs_PIL", "batch", "image_size", "dtype", "workers", "source"]
     done = []
 
     def on_row(row):  # print and save after each pipeline, so a run cut short still leaves its figures
         done.append(row)
-        print_table([row], columns)
-        if args.json:
-            write_json(args.json, {"header": header, "rows": done})
+        report.table([row], columns)
+        report.save(done)
     with tempfile.TemporaryDirectory(prefix="bench_data_") as tmp:
         rows = run(pathlib.Path(tmp), args.quick, device, args.workers, on_row, args.end_to_end, args.cuda_graph)
     print()
-    print_table(rows, columns)
+    report.table(rows, columns)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from moco_fast.benchmark import machine_header, print_table, write_json  # noqa: E402
+from moco_fast.bench.report import Report  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = {  # name: flags on top of --preset demo
@@ -51,8 +51,7 @@ def main():
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--json")
     args = parser.parse_args()
-    header = machine_header("cpu")
-    print(" | ".join(f"{k}: {v}" for k, v in header.items()), flush=True)
+    report = Report("cpu", args.json)
     speeds = {name: [] for name in CONFIGS}
     for _ in range(args.rounds):
         for name, flags in CONFIGS.items():
@@ -61,9 +60,8 @@ def main():
     base = statistics.median(speeds[next(iter(CONFIGS))])
     rows = [{"config": name, "img_per_s": round(statistics.median(v)), "vs_before": round(statistics.median(v) / base, 2),
              "runs": [round(x) for x in v]} for name, v in speeds.items()]
-    print_table(rows, ["config", "img_per_s", "vs_before", "runs"])
-    if args.json:
-        write_json(args.json, {"header": header, "rows": rows})
+    report.table(rows, ["config", "img_per_s", "vs_before", "runs"])
+    report.save(rows)
 
 
 if __name__ == "__main__":

@@ -22,8 +22,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from moco_fast.benchmark import METHODS, machine_header, print_table, write_json  # noqa: E402
-from moco_fast.benchmark_ops import BENCHES, bench_host, run  # noqa: E402
+from moco_fast.bench.ops import BENCHES, bench_host, run  # noqa: E402
+from moco_fast.bench.report import Report  # noqa: E402
+from moco_fast.bench.timing import METHODS  # noqa: E402
 
 COLUMNS = ["case", "provider", "device_us", "host_us", "TFLOP/s", "GB/s", "speedup_vs_ref", "x_floor",
            "peak_extra_MiB", "compile_s", "device_method", "host_method"]
@@ -49,28 +50,23 @@ def main():
     threads = args.threads or (1 if args.host_only and args.device == "cpu" else None)
     if threads:
         torch.set_num_threads(threads)
-    header = machine_header(args.device)
-    print(" | ".join(f"{k}: {v}" for k, v in header.items()), flush=True)
+    report = Report(args.device, args.json, methods=METHODS)
     if args.host_only:
         rows = bench_host(args.device, quick=args.quick)
-        print_table(rows, HOST_COLUMNS)
-        if args.json:
-            write_json(args.json, {"header": header, "methods": METHODS, "rows": rows})
+        report.table(rows, HOST_COLUMNS)
+        report.save(rows)
         return
     ops_to_run = list(BENCHES) if args.op == "all" else [args.op]
 
     def on_rows(rows):  # print and save after each op, so a run cut short still leaves its figures
         op = rows[-1]["op"]
         print(f"\n== {op} ==")
-        done = [r for r in rows if r["op"] == op]
-        print_table(done, [c for c in COLUMNS if any(c in r for r in done)])
-        if args.json:
-            write_json(args.json, {"header": header, "methods": METHODS, "rows": rows})
+        report.table([r for r in rows if r["op"] == op], COLUMNS)
+        report.save(rows)
     copy_gbps, rows = run(ops_to_run, args.device, quick=args.quick, on_rows=on_rows, variants=args.variants)
     print(f"\ncopy bandwidth (floor for memory-bound ops): {copy_gbps:.1f} GB/s")
     print("methods:\n" + "\n".join(f"  {k}: {v}" for k, v in METHODS.items()))
-    if args.json:
-        write_json(args.json, {"header": header, "copy_GBps": copy_gbps, "methods": METHODS, "rows": rows})
+    report.save(rows, copy_GBps=copy_gbps)
 
 
 if __name__ == "__main__":

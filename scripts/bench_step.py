@@ -12,8 +12,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from moco_fast.benchmark import machine_header, print_table, write_json  # noqa: E402
-from moco_fast.benchmark_step import CASES, bench_case  # noqa: E402
+from moco_fast.bench.report import Report  # noqa: E402
+from moco_fast.bench.step import CASES, bench_case  # noqa: E402
 from moco_fast.step import fast_cuda_settings  # noqa: E402
 
 
@@ -31,16 +31,14 @@ def main():
     cases = args.case or ([c for c in CASES if c != "quick"] if device.type == "cuda" else ["quick"])
     if device.type == "cuda":
         fast_cuda_settings()
-    header = machine_header(device.type)
-    print(" | ".join(f"{k}: {v}" for k, v in header.items()), flush=True)
+    report = Report(device.type, args.json)
     rows = []
     for case in cases:
         case_rows = bench_case(case, device, args.repeats, compile_model=not args.no_compile,
                                cuda_graph=args.cuda_graph)
         rows += case_rows
-        print_table(case_rows, ["case", "provider", "img_per_s", "step_ms", "speedup", "peak_MiB", "first_step_s"])
-        if args.json:  # after each case, so a run cut short still leaves its figures
-            write_json(args.json, {"header": header, "rows": rows})
+        report.table(case_rows, ["case", "provider", "img_per_s", "step_ms", "speedup", "peak_MiB", "first_step_s"])
+        report.save(rows)  # after each case, so a run cut short still leaves its figures
 
 
 if __name__ == "__main__":

@@ -15,32 +15,14 @@ import argparse
 import os
 import pickle
 import sys
-import tempfile
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from moco_fast.checkpoint import atomic_file  # noqa: E402
 from moco_fast.encoders import ARCHS  # noqa: E402
 from moco_fast.pretrained import CheckpointError, load_backbone, to_detectron2  # noqa: E402
-
-
-def write_atomic(path: str, dump) -> None:
-    """dump(file) into a temp file next to path, then rename it over path: never a half-written export."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-export-", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            dump(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide the export from other users
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def main(argv=None) -> int:
@@ -56,10 +38,12 @@ def main(argv=None) -> int:
         state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         if args.format == "detectron2":
             obj = to_detectron2(state)
-            write_atomic(args.out, lambda f: pickle.dump(obj, f))
+            with atomic_file(args.out, shared=True) as f:
+                pickle.dump(obj, f)
             what = f"{len(obj['model'])} numpy arrays under detectron2's names"
         else:
-            write_atomic(args.out, lambda f: torch.save(state, f))
+            with atomic_file(args.out, shared=True) as f:
+                torch.save(state, f)
             what = f"{len(state)} tensors under torchvision's names, no fc"
     except (CheckpointError, ValueError, OSError) as err:  # FileNotFoundError is an OSError
         print(f"error: {err}", file=sys.stderr)

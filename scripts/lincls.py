@@ -5,6 +5,7 @@
     python scripts/lincls.py /data/cifar --pretrained runs/cifar/checkpoint.pth --cached-features
     torchrun --nproc_per_node=8 scripts/lincls.py /data/imagenet --pretrained runs/v2/checkpoint.pth
     python scripts/lincls.py --baseline pixels                                  # what features must beat
+    python scripts/lincls.py --pretrained runs/moco/checkpoint.pth -e --resume auto  # evaluate the head only
 
 Exit codes: 0 done, 2 a bad argument, data set or checkpoint (one message on stderr), 1 a failed
 write, 143 / 130 stopped by SIGTERM / SIGINT after writing the checkpoint (--resume auto continues).
@@ -16,13 +17,15 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from moco_fast.distributed import cleanup_distributed, setup_distributed  # noqa: E402
 from moco_fast.data import DataError  # noqa: E402
-from moco_fast.lincls import BackboneChanged, baseline_backbone, parse_args, run_lincls  # noqa: E402
+from moco_fast.config import parse_lincls_config  # noqa: E402
+from moco_fast.evaluate import BackboneChanged  # noqa: E402
+from moco_fast.lincls import baseline_backbone, run_lincls  # noqa: E402
 from moco_fast.preemption import Stopped  # noqa: E402
 from moco_fast.pretrained import CheckpointError, load_backbone  # noqa: E402
 
 
 def main(argv=None) -> int:
-    cfg = parse_args(argv)  # a bad flag: argparse's usage and error, exit 2, before any work
+    cfg = parse_lincls_config(argv)  # a bad flag: argparse's usage and error, exit 2, before any work
     try:
         process = setup_distributed(None if cfg.device == "auto" else cfg.device)  # torchrun's environment, if any
         if cfg.baseline:

@@ -19,7 +19,8 @@ from moco_fast.checkpoint import CheckpointError  # noqa: E402
 from moco_fast.config import ConfigError, build_parser, parse_config  # noqa: E402
 from moco_fast.data import DataError  # noqa: E402
 from moco_fast.preemption import Stopped  # noqa: E402
-from moco_fast.train import NonFiniteLoss, run  # noqa: E402
+from moco_fast.monitor import NonFiniteLoss  # noqa: E402
+from moco_fast.train import run  # noqa: E402
 
 
 def main(argv=None) -> int:

@@ -2,8 +2,7 @@
 import pytest
 import torch
 
-from moco_fast.config import PRESETS, Config, ConfigError, parse_config, validate
-from moco_fast.train import ema_momentum, learning_rate
+from moco_fast.config import PRESETS, Config, ConfigError, ema_momentum, learning_rate, parse_config, validate
 
 
 def test_no_data_means_the_demo_preset():
@@ -62,3 +61,43 @@ def test_crop_scale_reaches_both_augmentation_pipelines():
     area = (boxes[:, 2] * boxes[:, 3]).float() / 28 ** 2
     assert area.min() >= 0.5 - 0.05  # rounding of the box sides
     assert gpu_augment.sample_params("small", sizes, sizes, g).boxes[:, 2:].prod(1).min() < 0.3 * 28 ** 2
+
+
+@pytest.mark.parametrize("flags, value", [
+    ([], True),                                   # the demo preset's
+    (["--gpu-aug"], True), (["--no-gpu-aug"], False),
+    (["--gpu-aug", "false"], False), (["--gpu-aug", "true"], True), (["--gpu-aug=0"], False),
+    (["--gpu-aug", "/data"], True),               # a data path after the flag stays the data path
+], ids=str)
+def test_boolean_flags_work_alone_and_with_a_value(flags, value):
+    cfg = parse_config(flags)
+    assert cfg.gpu_aug is value
+    assert cfg.data == ("/data" if "/data" in flags else None)
+
+
+def test_boolean_flags_negate_a_preset_and_refuse_other_words(capsys):
+    v2 = parse_config(["/data", "--preset", "moco_v2", "--no-mlp", "--compile", "false", "--channels-last", "off"])
+    assert (v2.mlp, v2.aug_plus, v2.compile, v2.channels_last) == (False, True, False, False)
+    with pytest.raises(SystemExit) as exit_:
+        parse_config(["--gpu-aug=maybe"])
+    assert exit_.value.code == 2 and "argument --gpu-aug: expected a boolean, got 'maybe'" in capsys.readouterr().err
+
+
+def test_start_epoch_points_to_resume(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        parse_config(["/data", "--start-epoch", "3"])
+    assert exit_.value.code == 2 and "--resume" in capsys.readouterr().err
+
+
+def test_both_scripts_share_the_common_flags_and_the_schedule():
+    from moco_fast.config import LINCLS_PRESETS, LinclsConfig, parse_lincls_config
+    common = ["/data", "-a", "resnet18", "--epochs", "10", "-b", "64", "--lr", "2", "--schedule", "4", "8", "--wd", "0.1",
+              "-j", "3", "-p", "7", "--seed", "5", "--max-steps", "11", "--device", "cpu", "--image-size", "32"]
+    pre, lin = parse_config(common), parse_lincls_config([*common, "--pretrained", "x.pth"])
+    names = ("arch", "epochs", "batch_size", "lr", "schedule", "weight_decay", "workers", "print_freq", "seed",
+             "max_steps", "device", "image_size")
+    assert [getattr(pre, n) for n in names] == [getattr(lin, n) for n in names]
+    assert [learning_rate(lin, e) for e in (0, 4, 8)] == pytest.approx([2, 0.2, 0.02])
+    assert isinstance(lin, LinclsConfig) and (lin.lr, lin.schedule) != (LinclsConfig.lr, LinclsConfig.schedule)
+    demo = parse_lincls_config([])  # no data: the demo preset, as for pretraining
+    assert demo.preset == "demo" and demo.pretrained == LINCLS_PRESETS["demo"]["pretrained"]

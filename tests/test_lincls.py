@@ -6,7 +6,9 @@ import torch
 
 from moco_fast import data
 from moco_fast.encoders import get_encoder
-from moco_fast.lincls import BackboneChanged, LinclsConfig, frozen, sanity_check, train_linear
+from moco_fast.config import LinclsConfig
+from moco_fast.evaluate import BackboneChanged, sanity_check
+from moco_fast.lincls import frozen, train_linear
 from moco_fast.monitor import RunLog
 from test_distributed import run_script
 from test_train import ROOT, make_folder, pretrain
@@ -89,9 +91,13 @@ def test_two_processes_under_torchrun(tmp_path, pretrained):
     result = lincls(str(folder), "--pretrained", str(ckpt), "--epochs", "2", "-b", "8", "-j", "0", "--image-size", "24",
                     "--output-dir", str(out), nproc=2)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in rows] == [1, 2]  # rank 0 alone writes
+    assert [r["epoch"] for r in _rows(out, "lincls")] == [1, 2]  # rank 0 alone writes
     assert torch.load(out / "checkpoint.pth", weights_only=True)["epoch"] == 2
+
+
+def _rows(out, kind: str) -> list[dict]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if r["kind"] == kind]
 
 
 def test_resume_continues_where_it_stopped(tmp_path, pretrained):
@@ -104,7 +110,33 @@ def test_resume_continues_where_it_stopped(tmp_path, pretrained):
     second = lincls(*common, "--epochs", "3", "--resume", "auto")
     assert whole.returncode == first.returncode == second.returncode == 0, second.stderr[-2000:]
     assert "resumed at epoch 1" in second.stdout
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    ref = [json.loads(line) for line in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
+    rows, ref = _rows(out, "lincls"), _rows(tmp_path / "whole", "lincls")
     assert [r["epoch"] for r in rows] == [1, 2, 3]
     assert [(r["loss"], r["acc1"]) for r in rows] == [(r["loss"], r["acc1"]) for r in ref]  # bitwise
+    train, train_ref = _rows(out, "train"), _rows(tmp_path / "whole", "train")  # every -p steps
+    assert train and [(r["step"], r["loss"]) for r in train] == [(r["step"], r["loss"]) for r in train_ref]
+
+
+def test_max_steps_print_freq_and_evaluate_only(tmp_path, pretrained):
+    """The common flags of both scripts: --max-steps ends the run mid-epoch with a checkpoint of that
+    step, -p logs a train row every p steps, and -e evaluates the saved head without training or writing."""
+    folder, ckpt = pretrained
+    out = tmp_path / "short"
+    common = [str(folder), "--pretrained", str(ckpt), "-b", "8", "-j", "0", "--image-size", "24", "--cached-features",
+              "--output-dir", str(out)]
+    short = lincls(*common, "--epochs", "3", "--max-steps", "5", "-p", "2")
+    assert short.returncode == 0, short.stderr[-2000:]
+    ck = torch.load(out / "checkpoint.pth", weights_only=True)
+    steps_per_epoch = len(list((folder / "train").rglob("*.*"))) // 8 + bool(len(list((folder / "train").rglob("*.*"))) % 8)
+    assert steps_per_epoch < 5 and ck["epoch"] * steps_per_epoch + ck["step_in_epoch"] == 5  # mid-epoch 2
+    assert 0 < ck["step_in_epoch"] < steps_per_epoch
+    assert [r["step"] for r in _rows(out, "train")] == [2, 4]
+    assert [r["epoch"] for r in _rows(out, "lincls")] == [1, 1 + ck["step_in_epoch"] / steps_per_epoch]
+    metrics = (out / "metrics.jsonl").read_text()
+    evaluated = lincls(*common, "-e", "--resume", "auto")
+    assert evaluated.returncode == 0, evaluated.stderr[-2000:]
+    assert "evaluated" in evaluated.stdout and "top-1" in evaluated.stdout
+    assert (out / "metrics.jsonl").read_text() == metrics  # nothing written
+    assert torch.load(out / "checkpoint.pth", weights_only=True)["step_in_epoch"] == ck["step_in_epoch"]
+    missing = lincls(*common[:-1], str(tmp_path / "empty"), "-e")
+    assert missing.returncode == 2 and "-e/--evaluate needs --resume" in missing.stderr

@@ -223,7 +223,7 @@ def test_export_script_torchvision_and_detectron2(tmp_path, capsys):
         obj = pickle.load(f)
     assert obj["model"].keys() == to_detectron2(model.state_dict())["model"].keys()
     assert (obj["model"]["res3.0.shortcut.weight"] == model.layer2[0].downsample[0].weight.detach().numpy()).all()
-    assert sorted(p.name for p in tmp_path.rglob(".tmp-export-*")) == []  # no temp file left
+    assert sorted(p.name for p in tmp_path.rglob(".tmp-*")) == []  # no temp file left
 
 
 def test_export_script_bad_checkpoint_exits_2(tmp_path):

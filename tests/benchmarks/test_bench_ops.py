@@ -9,8 +9,8 @@ import torch.nn.functional as F
 import torchvision
 
 from moco_fast import ops
-from moco_fast.benchmark import sync
-from moco_fast.benchmark_ops import augment_inputs, fast_backends
+from moco_fast.bench.ops import augment_inputs, fast_backends
+from moco_fast.bench.timing import sync
 from moco_fast.reference import enqueue_ref_, infonce_ref, momentum_update_ref_
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

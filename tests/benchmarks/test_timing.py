@@ -13,8 +13,8 @@ import sys
 import pytest
 import torch
 
-from moco_fast import benchmark
-from moco_fast.benchmark_ops import bench_enqueue, bench_host, fast_backends
+from moco_fast.bench import timing as bench_timing
+from moco_fast.bench.ops import bench_enqueue, bench_host, fast_backends
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 ON_GPU = torch.cuda.is_available()
@@ -33,7 +33,7 @@ def test_on_the_cpu_device_time_is_the_host_time():
     def fn():
         calls.append(1)
         x.mul_(1.0)
-    timing = benchmark.time_op(fn, "cpu", "graph", repeats=5, warmup=2)
+    timing = bench_timing.time_op(fn, "cpu", "graph", repeats=5, warmup=2)
     _figures_ok(timing)
     assert timing["device_us"] == timing["host_us"]
     assert timing["device_method"] == "cpu=host" and timing["host_method"].startswith("loop x")
@@ -43,7 +43,7 @@ def test_on_the_cpu_device_time_is_the_host_time():
 
 def test_an_unknown_kind_is_refused():
     with pytest.raises(ValueError, match="kind must be one of"):
-        benchmark.time_op(lambda: None, "cpu", "captured")
+        bench_timing.time_op(lambda: None, "cpu", "captured")
 
 
 def test_op_rows_carry_both_figures_and_their_methods():
@@ -76,7 +76,7 @@ def test_bench_ops_script_writes_both_figures_to_json(tmp_path, args):
                             cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     payload = json.loads(out.read_text())
-    assert payload["methods"] == benchmark.METHODS and payload["rows"]
+    assert payload["methods"] == bench_timing.METHODS and payload["rows"]
     for row in payload["rows"]:
         assert row["host_us"] > 0 and row["host_method"]
         if "--host-only" not in args:
@@ -89,7 +89,7 @@ def test_bench_ops_script_writes_both_figures_to_json(tmp_path, args):
 @pytest.mark.skipif(not ON_GPU, reason="no CUDA device")
 def test_a_capturable_op_is_timed_from_a_cuda_graph():
     x = torch.randn(1 << 20, device="cuda")
-    timing = benchmark.time_op(lambda: x.mul_(1.0001), "cuda", "graph", repeats=20)
+    timing = bench_timing.time_op(lambda: x.mul_(1.0001), "cuda", "graph", repeats=20)
     _figures_ok(timing)
     assert timing["device_method"] == "graph", timing
     assert timing["host_method"].startswith("loop+sleep x"), timing
@@ -99,7 +99,7 @@ def test_a_capturable_op_is_timed_from_a_cuda_graph():
 @pytest.mark.skipif(not ON_GPU, reason="no CUDA device")
 def test_an_op_that_fails_capture_falls_back_and_says_why():
     x = torch.randn(1 << 10, device="cuda")
-    timing = benchmark.time_op(lambda: x.add_(float(x[0]) * 0), "cuda", "graph", repeats=5)  # a host read
+    timing = bench_timing.time_op(lambda: x.add_(float(x[0]) * 0), "cuda", "graph", repeats=5)  # a host read
     _figures_ok(timing)
     assert timing["device_method"].startswith("eager+sleep [capture failed"), timing
     assert timing["host_method"].startswith("idle [host waited"), timing  # the sync is caught
@@ -112,10 +112,10 @@ def test_an_op_that_fails_capture_falls_back_and_says_why():
 @pytest.mark.skipif(not ON_GPU, reason="no CUDA device")
 def test_eager_and_sync_providers_are_labelled():
     params = [torch.randn(1000, device="cuda") for _ in range(50)]
-    eager = benchmark.time_op(lambda: [p.mul_(1.0001) for p in params], "cuda", "eager", repeats=10)
+    eager = bench_timing.time_op(lambda: [p.mul_(1.0001) for p in params], "cuda", "eager", repeats=10)
     assert eager["device_method"] == "eager+sleep", eager
     ptr = torch.zeros(1, dtype=torch.long, device="cuda")
-    synced = benchmark.time_op(lambda: ptr.fill_(int(ptr) + 1), "cuda", "sync", repeats=10)
+    synced = bench_timing.time_op(lambda: ptr.fill_(int(ptr) + 1), "cuda", "sync", repeats=10)
     assert synced["device_method"] == "sync" and synced["host_method"].startswith("loop (syncs) x"), synced
     for timing in (eager, synced):
         _figures_ok(timing)

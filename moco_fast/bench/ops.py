@@ -3,7 +3,7 @@
 Floors are stated in the code: InfoNCE does 4*N*K*C FLOPs (logits and the weighted key sum) and must
 read the queue once; the EMA moves 12 bytes per fp32 parameter (read p_k and p_q, write p_k); enqueue
 writes B rows; augment must read each crop's uint8 pixels and write its output. Each figure is a median
-with warm-up excluded; compile time is reported apart. Every provider gets two figures (benchmark.time_op):
+with warm-up excluded; compile time is reported apart. Every provider gets two figures (bench.timing.time_op):
 device time (on CUDA a CUDA-graph replay where the provider can be captured, L2 flushed before each
 call), on which the rates, speed-ups and floors are computed, and eager host time per call.
 """
@@ -19,7 +19,7 @@ import torchvision
 
 from moco_fast import ops
 from moco_fast.gpu_augment import sample_params
-from moco_fast.benchmark import copy_bandwidth_gbps, host_seconds, matmul_tflops, peak_extra_mib, time_op
+from moco_fast.bench.timing import copy_bandwidth_gbps, host_seconds, matmul_tflops, peak_extra_mib, time_op
 from moco_fast.ops import _custom
 from moco_fast.ops._backends import unusable_reason
 from moco_fast.reference import enqueue_ref_, infonce_ref, momentum_update_ref_
@@ -152,7 +152,7 @@ def bench_momentum_update(device: str, quick: bool = False, copy_gbps: float = 0
         for p_q, p_k in zip(params_q, holders):
             p_k.data = p_k.data * m + p_q.data * (1.0 - m)
 
-    providers = {  # name: (fn, how it may be timed on CUDA: see benchmark.time_op)
+    providers = {  # name: (fn, how it may be timed on CUDA: see bench.timing.time_op)
         # reassigning .data: new tensors every call, the host holds the result; timed eagerly
         "official-loop": (official_loop, "eager"),
         "reference": (lambda: momentum_update_ref_(params_k, params_q, m), "graph"),  # float m: no host read

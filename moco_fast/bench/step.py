@@ -11,11 +11,12 @@ import time
 import torch
 import torch.nn.functional as F
 
-from moco_fast.benchmark import median_seconds, peak_extra_mib
+from moco_fast.bench.timing import median_seconds, peak_extra_mib
+from moco_fast.config import Config
 from moco_fast.encoders import get_encoder
-from moco_fast.model import MoCo
 from moco_fast.reference import MoCoRef
 from moco_fast.step import TrainStep
+from moco_fast.train import build_model, make_optimizer
 
 # (name, arch, batch size, image size, K, MoCo v2 head)
 CASES = {
@@ -40,13 +41,11 @@ def _official_step(arch, K, mlp, device):
 
 
 def _our_step(arch, K, mlp, device, compile_model: bool, bf16: bool, cuda_graph: bool = False):
-    model = MoCo(get_encoder(arch), dim=128, K=K, m=0.999, T=0.2, mlp=mlp).to(device)
-    model = model.to(memory_format=torch.channels_last)
-    fused = device.type == "cuda"
-    opt = torch.optim.SGD(model.encoder_q.parameters(), lr=0.03, momentum=0.9, weight_decay=1e-4,
-                          foreach=not fused, fused=fused or None)
+    """The trainer's own model and optimizer (train.build_model, train.make_optimizer) for this case."""
+    cfg = Config(arch=arch, moco_k=K, moco_t=0.2, mlp=mlp, lr=0.03, channels_last=True)
+    model = build_model(cfg, device)
     forward = torch.compile(model) if compile_model else model
-    return TrainStep(forward, opt, device, bf16, cuda_graph=cuda_graph, warmup=3)
+    return TrainStep(forward, make_optimizer(cfg, model, device), device, bf16, cuda_graph=cuda_graph, warmup=3)
 
 
 def bench_case(name: str, device: torch.device, repeats: int = 20, compile_model: bool = True,

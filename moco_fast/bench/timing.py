@@ -1,17 +1,12 @@
-"""Timing helpers shared by scripts/bench_ops.py, scripts/bench_step.py and tests/benchmarks.
+"""Timing helpers shared by the benchmarks (moco_fast.bench.*) and tests/benchmarks.
 
-Medians of many runs with warm-up excluded; CUDA events on the GPU, perf_counter on the CPU. The
-header names the machine, the versions and the commit, so a table can be read on its own.
+Medians of many runs with warm-up excluded; CUDA events on the GPU, perf_counter on the CPU.
 """
 from __future__ import annotations
 
 import ctypes
 import functools
-import json
-import os
-import platform
 import statistics
-import subprocess
 import time
 
 import torch
@@ -292,53 +287,3 @@ def matmul_tflops(device: str, dtype: torch.dtype, size: int) -> float:
     b = torch.randn(size, size, device=device, dtype=dtype)
     t = median_seconds(lambda: a @ b, device, repeats=10, warmup=3)
     return 2 * size**3 / t / 1e12
-
-
-def machine_header(device: str) -> dict:
-    """What the figures were measured on."""
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=os.path.dirname(os.path.abspath(__file__)), timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        commit = "unknown"
-    cpu = platform.processor() or platform.machine()
-    if os.path.exists("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as f:
-            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-        cpu = names[0] if names else cpu
-    try:
-        import triton
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
-    return {
-        "device": torch.cuda.get_device_name() if device.startswith("cuda") else f"cpu: {cpu}",
-        "cpu_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "triton": triton_version,
-        "commit": commit or "unknown",
-        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-    }
-
-
-def print_table(rows: list[dict], columns: list[str]) -> None:
-    widths = {c: max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in columns}
-    print("  ".join(c.ljust(widths[c]) for c in columns))
-    for r in rows:
-        print("  ".join(_fmt(r.get(c)).ljust(widths[c]) for c in columns), flush=True)
-
-
-def _fmt(v) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        return f"{v:.3g}" if abs(v) < 1000 else f"{v:,.0f}"
-    return str(v)
-
-
-def write_json(path: str, payload: dict) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(payload, f, indent=1)
-    os.replace(tmp, path)
