@@ -16,6 +16,7 @@ therefore lands one step after the signal). One process needs no collective: the
 from __future__ import annotations
 
 import signal
+import sys
 import threading
 
 import torch
@@ -77,3 +78,27 @@ class StopRequest:
         flag = torch.tensor([self.received], dtype=torch.int64)
         self._pending = (dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=host_group(), async_op=True), flag)
         return bool(self.agreed)
+
+
+def exit_code(body, bad_input: tuple) -> int:
+    """How a script's run ends, the same for every script: 0 done; 2 bad input (bad_input: a data set,
+    a checkpoint, a flag that does not fit; one message on stderr); 143 / 130 stopped by SIGTERM /
+    SIGINT after its checkpoint; 1 a failed write (a full disk, an unwritable --output-dir: the message
+    names the path) or a lost peer process (torchrun --max-restarts and --resume auto continue)."""
+    peer = (dist.DistError,) if hasattr(dist, "DistError") else ()
+    try:
+        body()
+    except bad_input as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except Stopped as stop:
+        print(f"stopped: {stop}", file=sys.stderr)
+        return stop.exit_code
+    except OSError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except peer as err:
+        print(f"error: a peer process failed ({str(err).splitlines()[0][:200]}); the last checkpoint is kept: "
+              "torchrun --max-restarts=N ... --resume auto continues from it", file=sys.stderr)
+        return 1
+    return 0

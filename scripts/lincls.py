@@ -20,35 +20,28 @@ from moco_fast.data import DataError  # noqa: E402
 from moco_fast.config import parse_lincls_config  # noqa: E402
 from moco_fast.evaluate import BackboneChanged  # noqa: E402
 from moco_fast.lincls import baseline_backbone, run_lincls  # noqa: E402
-from moco_fast.preemption import Stopped  # noqa: E402
+from moco_fast.preemption import exit_code  # noqa: E402
 from moco_fast.pretrained import CheckpointError, load_backbone  # noqa: E402
 
 
 def main(argv=None) -> int:
     cfg = parse_lincls_config(argv)  # a bad flag: argparse's usage and error, exit 2, before any work
-    try:
-        process = setup_distributed(None if cfg.device == "auto" else cfg.device)  # torchrun's environment, if any
-        if cfg.baseline:
-            backbone, dim = baseline_backbone(cfg)
-            print(f"baseline: {cfg.baseline} ({dim}-d features)", flush=True)
-        else:
-            backbone, info = load_backbone(cfg.pretrained, cfg.arch)
-            dim = info["feature_dim"]
-            print(f"pretrained: {cfg.pretrained} ({info['source']} format, {info['arch']}, {dim}-d features)",
-                  flush=True)
-        run_lincls(cfg, backbone, dim, process.device, process.rank, process.world_size)
-    except (ValueError, DataError, CheckpointError, FileNotFoundError, BackboneChanged) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except Stopped as stop:
-        print(f"stopped: {stop}", file=sys.stderr)
-        return stop.exit_code
-    except OSError as err:  # a full disk or an unwritable --output-dir: the message names the path
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    finally:
-        cleanup_distributed()
-    return 0
+
+    def body():
+        try:
+            process = setup_distributed(None if cfg.device == "auto" else cfg.device)  # torchrun's, if any
+            if cfg.baseline:
+                backbone, dim = baseline_backbone(cfg)
+                print(f"baseline: {cfg.baseline} ({dim}-d features)", flush=True)
+            else:
+                backbone, info = load_backbone(cfg.pretrained, cfg.arch)
+                dim = info["feature_dim"]
+                print(f"pretrained: {cfg.pretrained} ({info['source']} format, {info['arch']}, {dim}-d features)",
+                      flush=True)
+            run_lincls(cfg, backbone, dim, process.device, process.rank, process.world_size)
+        finally:
+            cleanup_distributed()
+    return exit_code(body, bad_input=(ValueError, DataError, CheckpointError, FileNotFoundError, BackboneChanged))
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from moco_fast.checkpoint import CheckpointError  # noqa: E402
 from moco_fast.config import ConfigError, build_parser, parse_config  # noqa: E402
 from moco_fast.data import DataError  # noqa: E402
-from moco_fast.preemption import Stopped  # noqa: E402
+from moco_fast.preemption import exit_code  # noqa: E402
 from moco_fast.monitor import NonFiniteLoss  # noqa: E402
 from moco_fast.train import run  # noqa: E402
 
@@ -27,29 +27,13 @@ def main(argv=None) -> int:
     if int(os.environ.get("RANK", "0")) == 0:
         logging.basicConfig(level=logging.INFO, format="%(message)s")  # which op backends were picked
     cfg = parse_config(argv)  # a bad flag: argparse's usage and error, exit 2, before any work
-    try:
-        run(cfg)
-    except ConfigError as err:  # found once the data set is known (it does not fit the config)
-        build_parser().error(str(err))
-    except (DataError, CheckpointError, FileNotFoundError, NonFiniteLoss) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except Stopped as stop:
-        print(f"stopped: {stop}", file=sys.stderr)
-        return stop.exit_code
-    except OSError as err:  # a full disk or an unwritable --output-dir: the message names the path
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    except _peer_errors() as err:
-        print(f"error: a peer process failed ({str(err).splitlines()[0][:200]}); the last checkpoint is kept: "
-              "torchrun --max-restarts=N ... --resume auto continues from it", file=sys.stderr)
-        return 1
-    return 0
 
-
-def _peer_errors() -> tuple:
-    import torch.distributed as dist
-    return (dist.DistError,) if hasattr(dist, "DistError") else ()
+    def body():
+        try:
+            run(cfg)
+        except ConfigError as err:  # found once the data set is known (it does not fit the config)
+            build_parser().error(str(err))
+    return exit_code(body, bad_input=(DataError, CheckpointError, FileNotFoundError, NonFiniteLoss))
 
 
 if __name__ == "__main__":
