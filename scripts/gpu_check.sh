@@ -24,6 +24,10 @@
 #     PARTS="build ops" bash scripts/gpu_check.sh            # only some steps:
 #         part 1: build info tests graph    part 2: build timing ops step data
 #     DATA_ARGS=--end-to-end PART=2 bash scripts/gpu_check.sh  # also ResNet-50 training fed by each pipeline
+#     PARTS="build variants" GPU_CHECK_BUDGET_S=330 bash scripts/gpu_check.sh  # a third call, warm: every kernel
+#         variant side by side (bench_ops --variants: InfoNCE at N 32/256 x K 4,096/65,536/1,048,576 x fp32
+#         and bf16 queues, each Triton config tuned once: ~200 s; the EMA variants ~50 s; on a fresh
+#         machine the build takes 120 s and the budget cuts the EMA variants)
 #     GPU_CHECK_PLAN=1 PART=1 bash scripts/gpu_check.sh     # print the steps and limits, as if each ran to
 #         its limit, running nothing (tests/benchmarks/test_gpu_check.py); GPU_CHECK_PLAN=warm: as on a
 #         warm machine whose build is current (the build skipped)
@@ -146,6 +150,11 @@ fi
 
 if want ops; then
   run_part ops 100 python scripts/bench_ops.py --json "$OUT/bench_ops.json"
+fi
+
+if want variants; then  # not in PART 1 or 2: old and new kernels side by side (issue 14), its own call
+  run_part variants 200 python scripts/bench_ops.py --op infonce --variants --json "$OUT/bench_variants_infonce.json"
+  run_part variants 50 python scripts/bench_ops.py --op momentum_update --variants --json "$OUT/bench_variants_ema.json"
 fi
 
 if want step; then

@@ -43,3 +43,12 @@ def test_the_budget_cuts_the_last_steps_and_parts_selects(tmp_path):
     assert rc == 0 and [name for name, _ in steps] == ["ops"], out
     rc, _, out = plan(tmp_path, PART="3")
     assert rc == 2
+
+
+def test_the_variants_call_fits_one_call_and_times_old_and_new(tmp_path):
+    """PARTS="build variants": the side-by-side kernel benchmark (issue 14) as its own call of <= 330 s on
+    the warm machine right after part 2 (the build skipped)."""
+    rc, steps, out = plan(tmp_path, PARTS="build variants", GPU_CHECK_BUDGET_S="330", GPU_CHECK_PLAN="warm")
+    assert rc == 0 and [name for name, _ in steps] == ["variants", "variants"], out
+    assert sum(limit for _, limit in steps) <= 330, steps
+    assert "bench_ops.py --op infonce --variants" in out and "bench_ops.py --op momentum_update --variants" in out
