@@ -111,11 +111,18 @@ def test_the_environment_variable_turns_the_check_off(monkeypatch):
     ops.infonce(q, k, queue, 0.2, backend="cpu")  # no error: the user chose to skip the check
 
 
-@needs_cpu_backend
-def test_the_check_runs_once_per_key(monkeypatch):
+@pytest.fixture
+def infonce_checks(monkeypatch):
+    """The arguments of every infonce self-check that runs (each still runs the real check)."""
     calls = []
     real = _self_check.CHECKS["infonce"]
     monkeypatch.setitem(_self_check.CHECKS, "infonce", lambda *a: calls.append(a) or real(*a))
+    return calls
+
+
+@needs_cpu_backend
+def test_the_check_runs_once_per_key(infonce_checks):
+    calls = infonce_checks
     q, k, queue = infonce_inputs()
     for _ in range(3):
         ops.infonce(q, k, queue, 0.2)
@@ -124,11 +131,9 @@ def test_the_check_runs_once_per_key(monkeypatch):
 
 
 @needs_cpu_backend
-def test_the_check_runs_on_real_tensors_while_torch_compile_traces(monkeypatch):
+def test_the_check_runs_on_real_tensors_while_torch_compile_traces(infonce_checks):
     """The first call of a compiled graph resolves the backend during tracing: the check must still compute."""
-    calls = []
-    real = _self_check.CHECKS["infonce"]
-    monkeypatch.setitem(_self_check.CHECKS, "infonce", lambda *a: calls.append(a) or real(*a))
+    calls = infonce_checks
     q, k, queue = infonce_inputs()
     compiled = torch.compile(lambda q: ops.infonce(q, k, queue, 0.2), fullgraph=True)
     torch.testing.assert_close(compiled(q), ops.infonce(q, k, queue, 0.2, backend="reference"))
