@@ -1,4 +1,6 @@
 """ops.infonce against infonce_ref (float64), every fast backend, odd shapes, every dtype."""
+import importlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -119,6 +121,22 @@ def test_infonce_compiles_fullgraph(device, backend):
     eager_loss, eager_grad, eager_stats = run(q, k, queue, backend)
     assert torch.equal(loss, eager_loss) and torch.equal(qc.grad, eager_grad)
     assert stats["acc5"].item() == eager_stats["acc5"].item()
+
+
+def test_infonce_eager_call_enters_the_custom_op_only_for_autograd(monkeypatch):
+    """The eager rule of every op (_backends.skips_dispatch): no gradient to record, no custom-op dispatch."""
+    module = importlib.import_module("moco_fast.ops.infonce")  # ops.infonce is the function
+    calls = []
+    real = module.infonce_op
+    monkeypatch.setattr(module, "infonce_op", lambda *args: calls.append(args[4]) or real(*args))
+    q, k, queue = make_inputs(3, 8, 20, F32, F32, "cpu")
+    with torch.no_grad():
+        expected = ops.infonce(q, k, queue, T, backend="reference")
+    assert calls == []
+    q.requires_grad_(True)
+    loss = ops.infonce(q, k, queue, T, backend="reference")
+    loss.backward()
+    assert calls == ["reference"] and torch.equal(loss, expected) and q.grad is not None
 
 
 def test_infonce_ref_is_the_official_cross_entropy():
