@@ -14,8 +14,6 @@ color_augment: two launches, no atomics, deterministic.
      normalisation, and a store cast to out's dtype through out's strides (channels_last bf16 too).
 Op codes follow torchvision's ColorJitter fn_idx: 0 brightness, 1 contrast, 2 saturation, 3 hue.
 """
-import os
-
 import torch
 import triton
 import triton.language as tl
@@ -108,9 +106,10 @@ def _crop_resize_kernel(data_ptr, offsets_ptr, heights_ptr, widths_ptr, boxes_pt
 def crop_resize(data, offsets, heights, widths, boxes, size: int, max_taps_y: int, max_taps_x: int):
     """data: (total,) uint8 of CHW images at offsets (N,) int64 with heights, widths (N,) int64; boxes (N, 4)
     int64 (top, left, height, width) inside each image, all on one device; max_taps_*: at least the largest
-    tap count per axis in the batch (moco_fast.ops._custom.crop_resize_taps gives a bound).
-    Returns (N, 3, size, size) fp32 in [0, 1]."""
-    _check_device(data, "crop_resize")
+    tap count per axis in the batch (moco_fast.ops.augment.taps gives a bound).
+    Returns (N, 3, size, size) fp32 in [0, 1]. moco_fast.ops.crop_resize checks all of it but the layout."""
+    # the kernel indexes the per-sample tensors with unit strides (a view such as boxes[:, 2] has others)
+    offsets, heights, widths, boxes = (t.contiguous() for t in (offsets, heights, widths, boxes))
     n = boxes.shape[0]
     out = torch.empty((n, 3, size, size), dtype=torch.float32, device=data.device)
     if n == 0:
@@ -242,11 +241,12 @@ def _color_augment_kernel(x_ptr, factors_ptr, order_ptr, jitter_ptr, gray_ptr, f
     tl.store(dst + 2 * s_c, ((b - m2) / d2).to(ty), mask=valid)
 
 
-def color_augment(x, factors, order, jitter, gray, flip, mean, std, gray_first: bool, out) -> None:
+def color_augment_(x, factors, order, jitter, gray, flip, mean, std, gray_first: bool, out) -> None:
     """Writes into out (N, 3, H, W), any float dtype and strides, the colour chain of contiguous fp32
     x (N, 3, H, W): factors (N, 4) fp32 contiguous, order (N, 4) int64 contiguous, jitter/gray/flip
-    (N,) bool, mean/std 3 floats. See moco_fast.reference.color_augment_ref."""
-    _check_device(x, "color_augment")
+    (N,) bool, mean/std 3 floats, all on one device. See moco_fast.reference.color_augment_ref;
+    moco_fast.ops.color_augment checks the shapes, dtypes and values."""
+    jitter, gray, flip = jitter.contiguous(), gray.contiguous(), flip.contiguous()  # indexed with unit strides
     if not (x.is_contiguous() and x.dtype == torch.float32 and factors.dtype == torch.float32
             and factors.is_contiguous() and order.dtype == torch.int64 and order.is_contiguous()):
         raise ValueError("color_augment: x and factors must be contiguous fp32, order contiguous int64; got "
@@ -264,7 +264,3 @@ def color_augment(x, factors, order, jitter, gray, flip, mean, std, gray_first: 
                                           *(float(v) for v in mean), *(float(v) for v in std),
                                           GRAY_FIRST=gray_first, TILE=_TILE, num_warps=4)
 
-
-def _check_device(t: torch.Tensor, op: str) -> None:
-    if t.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise RuntimeError(f"{op}: CPU tensors need TRITON_INTERPRET=1 set before triton is imported")

@@ -6,8 +6,6 @@ Two launches on one stream, no host synchronisation:
      ptr, so ptr cannot change during this launch.
   2. `_enqueue_advance_kernel`: one program, ptr <- (ptr + B) % K, ordered after 1 by the stream.
 """
-import os
-
 import torch
 import triton
 import triton.language as tl
@@ -34,27 +32,10 @@ def _enqueue_advance_kernel(ptr_ptr, K, B):
     tl.store(ptr_ptr, (p + B % K) % K)
 
 
-def _check(queue: torch.Tensor, ptr: torch.Tensor, keys: torch.Tensor) -> None:
-    if queue.dim() != 2 or keys.dim() != 2 or keys.shape[1] != queue.shape[1]:
-        raise ValueError(f"enqueue_: expected queue [K, C] and keys [B, C]; got {tuple(queue.shape)} "
-                         f"and {tuple(keys.shape)}")
-    if queue.shape[0] < 1:
-        raise ValueError("enqueue_: queue has no rows (K = 0)")
-    if not queue.is_contiguous():
-        raise ValueError(f"enqueue_: queue must be contiguous, got strides {queue.stride()}")
-    if ptr.numel() != 1 or ptr.dtype != torch.int64:
-        raise ValueError(f"enqueue_: ptr must be one int64, got shape {tuple(ptr.shape)} {ptr.dtype}")
-    if ptr.device != queue.device or keys.device != queue.device:
-        raise ValueError(f"enqueue_: queue on {queue.device}, ptr on {ptr.device}, keys on {keys.device}; "
-                         "all must share one device")
-    if queue.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise RuntimeError("enqueue_: CPU tensors need TRITON_INTERPRET=1 set before triton is imported")
-
-
 def enqueue_(queue: torch.Tensor, ptr: torch.Tensor, keys: torch.Tensor) -> None:
-    """queue: (K, C) contiguous, ptr: int64 (1,), keys: (B, C) any dtype and strides.
+    """queue: (K, C) contiguous, K >= 1, ptr: int64 (1,), keys: (B, C) any dtype and strides, all on one device
+    (moco_fast.ops.enqueue_ checks all of it; these kernels assume nothing more).
     queue[(ptr + i) % K] = keys[i] for i < B (the last K keys when B > K); ptr <- (ptr + B) % K."""
-    _check(queue, ptr, keys)
     K, C = queue.shape
     B = keys.shape[0]
     n_rows = min(B, K)  # keys that survive: when B > K the first B - K are overwritten anyway

@@ -19,10 +19,10 @@ Precision of the tensor-core dots (`allow_tf32`):
 
 Variants (MOCO_FAST_TRITON_INFONCE, or variant_name= in infonce_fwd); "v1" stays the default until a
 GPU run has timed and self-checked the other:
-  v1      this file's partial kernel: 32-row blocks, splits for a 2 MiB workspace (~1 wave).
-  hopper  kernels/infonce_hopper.py's partial kernel (>= 64 rows, SM-sized splits, TMA descriptors,
-          autotuned); the same workspace layout, merged by this file's combine and finish kernels.
-          Rows wider than 256 (C > 256) run v1's partial kernel under either name.
+  v1      this file's partial kernel with pointer loads: 32-row blocks, splits for a 2 MiB workspace (~1 wave).
+  hopper  the same kernel at kernels/infonce_hopper.py's shapes (>= 64 rows, SM-sized splits, TMA
+          descriptors, autotuned); the same workspace layout, merged by the same combine and finish kernels.
+          Rows wider than 256 (C > 256) run v1's shapes under either name.
 
 Floors of v1, H200, N=256 C=128 K=65,536 (x16 at K=1,048,576 but the workspace):
   MMA: 4*N*K*C = 8.6 GFLOP: 17.4 us at ~494 TFLOP/s TF32, but BLOCK_N=32 < 64 rules out wgmma:
@@ -31,9 +31,7 @@ Floors of v1, H200, N=256 C=128 K=65,536 (x16 at K=1,048,576 but the workspace):
   L2 -> SM: the queue once per 32-row block: 8 x 32 MiB = 256 MiB (~30 us at ~9 TB/s of L2 bandwidth).
   shared memory: each key tile (64 x 128 fp32 = 32 KB) read ~4x (both products, 2 warps' fragments).
 """
-import importlib.util
 import os
-import sys
 
 import torch
 import triton
@@ -52,27 +50,16 @@ ENV = "MOCO_FAST_TRITON_INFONCE"
 
 
 @triton.jit
-def _infonce_partial_kernel(q_ptr, k_ptr, queue_ptr, ws_acc, ws_m, ws_l, ws_above, pos_ptr,
-                            N, C, K, stride_q, stride_k, scale2, P_SCALE,
-                            QUEUE_FP32: tl.constexpr, SPLIT_Q: tl.constexpr, SPLIT_P: tl.constexpr,
-                            PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                            BLOCK_C: tl.constexpr):
-    pid_n = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    n_splits = tl.num_programs(1)
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    cols = tl.arange(0, BLOCK_C)
-    row_ok = rows < N
-    col_ok = cols < C
-    rc_ok = row_ok[:, None] & col_ok[None, :]
+def _partial_rows(q_ptr, k_ptr, queue_ptr, pos_ptr, rows, cols, row_ok, rc_ok, stride_q, stride_k,
+                  QUEUE_FP32: tl.constexpr):
+    """A block of queries as the dots take them (q_hi, and q_lo = what the queue's dtype loses of fp32 q) and
+    their raw positive logits; every split computes them identically, split 0 hands them to the combine."""
     rows64 = rows.to(tl.int64)
     q = tl.load(q_ptr + rows64[:, None] * stride_q + cols[None, :], mask=rc_ok, other=0.0).to(tl.float32)
     kk = tl.load(k_ptr + rows64[:, None] * stride_k + cols[None, :], mask=rc_ok, other=0.0).to(tl.float32)
-    # raw positive logit; every split computes it identically, split 0 hands it to the combine
     pos = tl.sum(q * kk, axis=1)
-    if pid_s == 0:
+    if tl.program_id(1) == 0:
         tl.store(pos_ptr + rows, pos, mask=row_ok)
-
     kdt = queue_ptr.dtype.element_ty
     if QUEUE_FP32:
         q_hi = q
@@ -80,52 +67,85 @@ def _infonce_partial_kernel(q_ptr, k_ptr, queue_ptr, ws_acc, ws_m, ws_l, ws_abov
     else:
         q_hi = q.to(kdt)
         q_lo = (q - q_hi.to(tl.float32)).to(kdt)
+    return q_hi, q_lo, pos
 
+
+@triton.jit
+def _partial_step(q_hi, q_lo, kt, key_ok, pos, m_i, l_i, above, acc, scale2, P_SCALE, QUEUE_FP32: tl.constexpr,
+                  SPLIT_Q: tl.constexpr, SPLIT_P: tl.constexpr, PRECISION: tl.constexpr):
+    """One key tile kt (BLOCK_K x BLOCK_C) into the running (max, sum of exp, count above, weighted key sum)."""
+    kdt = kt.dtype
+    if QUEUE_FP32:
+        d = tl.dot(q_hi, tl.trans(kt), input_precision=PRECISION)      # BLOCK_N x BLOCK_K
+    else:
+        d = tl.dot(q_hi, tl.trans(kt))
+        if SPLIT_Q:
+            d = tl.dot(q_lo, tl.trans(kt), d)
+    d = tl.where(key_ok[None, :], d, float("-inf"))
+    # the reference compares unscaled logits; scaling by 1/T > 0 keeps the order
+    above += tl.sum((d > pos[:, None]).to(tl.int32), axis=1)
+    s = d * scale2
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None]
+    # P_SCALE (2**14 for fp16) lifts small weights out of fp16's subnormal range
+    p = p * P_SCALE
+    if QUEUE_FP32:
+        acc = tl.dot(p, kt, acc, input_precision=PRECISION)
+    else:
+        p_hi = p.to(kdt)
+        acc = tl.dot(p_hi, kt, acc)
+        if SPLIT_P:
+            acc = tl.dot((p - p_hi.to(tl.float32)).to(kdt), kt, acc)
+    return m_new, l_i, above, acc
+
+
+@triton.jit
+def _partial_store(ws_acc, ws_m, ws_l, ws_above, rows, cols, row_ok, rc_ok, N, C, m_i, l_i, above, acc):
+    """This split's partial results for its rows, at split-major offsets (the combine's layout)."""
+    base = tl.program_id(1).to(tl.int64) * N
+    tl.store(ws_m + base + rows, m_i, mask=row_ok)
+    tl.store(ws_l + base + rows, l_i, mask=row_ok)
+    tl.store(ws_above + base + rows, above, mask=row_ok)
+    tl.store(ws_acc + (base + rows.to(tl.int64))[:, None] * C + cols[None, :], acc, mask=rc_ok)
+
+
+@triton.jit
+def _infonce_partial_kernel(q_ptr, k_ptr, queue_ptr, queue_desc, ws_acc, ws_m, ws_l, ws_above, pos_ptr,
+                            N, C, K, stride_q, stride_k, scale2, P_SCALE,
+                            QUEUE_FP32: tl.constexpr, SPLIT_Q: tl.constexpr, SPLIT_P: tl.constexpr,
+                            PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                            BLOCK_C: tl.constexpr, USE_DESC: tl.constexpr):
+    """Both variants' partial pass: v1 loads key tiles through pointers (queue_desc unused), hopper through
+    the TMA descriptor queue_desc when USE_DESC."""
+    pid_s = tl.program_id(1)
+    n_splits = tl.num_programs(1)
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.arange(0, BLOCK_C)
+    row_ok = rows < N
+    col_ok = cols < C
+    rc_ok = row_ok[:, None] & col_ok[None, :]
+    q_hi, q_lo, pos = _partial_rows(q_ptr, k_ptr, queue_ptr, pos_ptr, rows, cols, row_ok, rc_ok, stride_q,
+                                    stride_k, QUEUE_FP32)
     m_i = tl.full([BLOCK_N], float("-inf"), tl.float32)  # running max, log2 units
     l_i = tl.zeros([BLOCK_N], tl.float32)                 # sum of exp2(s - m_i)
     above = tl.zeros([BLOCK_N], tl.int32)
     acc = tl.zeros([BLOCK_N, BLOCK_C], tl.float32)       # sum of exp2(s - m_i) * key * P_SCALE
-
     # split s owns queue blocks [s*kb/splits, (s+1)*kb/splits): balanced, never empty (splits <= kb)
     kb = tl.cdiv(K, BLOCK_K).to(tl.int64)
-    b_start = pid_s * kb // n_splits
-    b_end = (pid_s + 1) * kb // n_splits
-    for b in range(b_start, b_end):
+    for b in range(pid_s * kb // n_splits, (pid_s + 1) * kb // n_splits):
         keys = b * BLOCK_K + tl.arange(0, BLOCK_K)
         key_ok = keys < K
-        kt = tl.load(queue_ptr + keys[:, None] * C + cols[None, :],
-                     mask=key_ok[:, None] & col_ok[None, :], other=0.0)      # BLOCK_K x BLOCK_C
-        if QUEUE_FP32:
-            d = tl.dot(q_hi, tl.trans(kt), input_precision=PRECISION)      # BLOCK_N x BLOCK_K
+        if USE_DESC:  # TMA: rows past K and columns past C arrive as zeros
+            kt = queue_desc.load([tl.cast(b * BLOCK_K, tl.int32), 0])
         else:
-            d = tl.dot(q_hi, tl.trans(kt))
-            if SPLIT_Q:
-                d = tl.dot(q_lo, tl.trans(kt), d)
-        d = tl.where(key_ok[None, :], d, float("-inf"))
-        # the reference compares unscaled logits; scaling by 1/T > 0 keeps the order
-        above += tl.sum((d > pos[:, None]).to(tl.int32), axis=1)
-        s = d * scale2
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None]
-        # P_SCALE (2**14 for fp16) lifts small weights out of fp16's subnormal range
-        p = p * P_SCALE
-        if QUEUE_FP32:
-            acc = tl.dot(p, kt, acc, input_precision=PRECISION)
-        else:
-            p_hi = p.to(kdt)
-            acc = tl.dot(p_hi, kt, acc)
-            if SPLIT_P:
-                acc = tl.dot((p - p_hi.to(tl.float32)).to(kdt), kt, acc)
-        m_i = m_new
-
-    base = pid_s.to(tl.int64) * N
-    tl.store(ws_m + base + rows, m_i, mask=row_ok)
-    tl.store(ws_l + base + rows, l_i, mask=row_ok)
-    tl.store(ws_above + base + rows, above, mask=row_ok)
-    tl.store(ws_acc + (base + rows64)[:, None] * C + cols[None, :], acc, mask=rc_ok)
+            kt = tl.load(queue_ptr + keys[:, None] * C + cols[None, :],
+                         mask=key_ok[:, None] & col_ok[None, :], other=0.0)  # BLOCK_K x BLOCK_C
+        m_i, l_i, above, acc = _partial_step(q_hi, q_lo, kt, key_ok, pos, m_i, l_i, above, acc, scale2, P_SCALE,
+                                             QUEUE_FP32, SPLIT_Q, SPLIT_P, PRECISION)
+    _partial_store(ws_acc, ws_m, ws_l, ws_above, rows, cols, row_ok, rc_ok, N, C, m_i, l_i, above, acc)
 
 
 @triton.jit
@@ -240,29 +260,16 @@ def _config(N: int, C: int, K: int, queue: torch.Tensor, allow_tf32: bool) -> di
     return dict(BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_C=block_c, splits=splits, warps=warps, comb_c=16, comb_s=16)
 
 
-def _check(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, inv_temperature: float) -> None:
+def _check(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor) -> None:
+    """What these kernels assume beyond moco_fast.ops.infonce's checks (shapes, devices, a contiguous queue,
+    N, K >= 1, the temperature): no fp64, unit column strides for q and k, and C within the register tile."""
     for name, t in (("q", q), ("k", k), ("queue", queue)):
-        if t.dim() != 2:
-            raise ValueError(f"infonce_fwd: {name} must be 2-D, got shape {tuple(t.shape)}")
         if t.dtype not in _DTYPES:
             raise TypeError(f"infonce_fwd: {name} must be float32, bfloat16 or float16, got {t.dtype}")
-        if t.device != q.device:
-            raise ValueError(f"infonce_fwd: {name} is on {t.device}, q on {q.device}")
         if t.shape[1] > 1 and t.stride(1) != 1:
             raise ValueError(f"infonce_fwd: rows of {name} must be contiguous, got strides {t.stride()}")
-    N, C = q.shape
-    if k.shape != q.shape or queue.shape[1] != C:
-        raise ValueError(f"infonce_fwd: expected q [N, C], k [N, C], queue [K, C]; got {tuple(q.shape)}, "
-                         f"{tuple(k.shape)}, {tuple(queue.shape)}")
-    if not queue.is_contiguous():
-        raise ValueError(f"infonce_fwd: queue must be contiguous, got strides {queue.stride()}")
-    if N < 1 or queue.shape[0] < 1 or not 1 <= C <= _MAX_C:
-        raise ValueError(f"infonce_fwd: need N >= 1, K >= 1 and 1 <= C <= {_MAX_C}; got N={N}, "
-                         f"K={queue.shape[0]}, C={C}")
-    if not inv_temperature > 0.0 or inv_temperature == float("inf"):
-        raise ValueError(f"infonce_fwd: inv_temperature must be positive and finite, got {inv_temperature}")
-    if q.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise RuntimeError("infonce_fwd: CPU tensors need TRITON_INTERPRET=1 set before triton is imported")
+    if q.shape[1] > _MAX_C:
+        raise ValueError(f"infonce_fwd: need C <= {_MAX_C}; got C={q.shape[1]}")
 
 
 def variant(name=None) -> str:
@@ -274,20 +281,15 @@ def variant(name=None) -> str:
 
 
 def _hopper():
-    """kernels/infonce_hopper.py, the sibling of this file: a package module when installed
-    (moco_fast.kernels), loaded by path from a checkout (where kernels/ is a plain folder)."""
-    name = __name__.rpartition(".")[0] + ".infonce_hopper"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, os.path.join(os.path.dirname(__file__), "infonce_hopper.py"))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+    """kernels/infonce_hopper.py, imported only when the variant asks for it."""
+    from . import infonce_hopper
+    return infonce_hopper
 
 
 def _launch_v1(cfg: dict, grid, args: tuple, constexprs: dict) -> None:
-    _infonce_partial_kernel[grid](*args, **constexprs, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
-                                  BLOCK_C=cfg["BLOCK_C"], **cfg["warps"])
+    """args: (q, k, queue, ws_acc, ...); the queue stands in for the descriptor v1 does not use."""
+    _infonce_partial_kernel[grid](*args[:3], args[2], *args[3:], **constexprs, BLOCK_N=cfg["BLOCK_N"],
+                                  BLOCK_K=cfg["BLOCK_K"], BLOCK_C=cfg["BLOCK_C"], USE_DESC=False, **cfg["warps"])
 
 
 def infonce_fwd(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, inv_temperature: float,
@@ -296,7 +298,7 @@ def infonce_fwd(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, inv_tempe
     grad_q: fp32 (N, C) = dL/dq for an upstream gradient of 1, stats: fp32 (2,) = [acc1, acc5]).
     variant_name: "v1" or "hopper" (module docstring); None reads $MOCO_FAST_TRITON_INFONCE."""
     which = variant(variant_name)
-    _check(q, k, queue, inv_temperature)
+    _check(q, k, queue)
     N, C = q.shape
     K = queue.shape[0]
     v1 = _config(N, C, K, queue, allow_tf32)

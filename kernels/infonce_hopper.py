@@ -1,7 +1,8 @@
 """InfoNCE's partial pass over the queue with tiles shaped for Hopper (variant "hopper" of kernels/infonce.py).
 
-Same math and the same workspace as v1's `_infonce_partial_kernel` (v1's combine and finish kernels merge
-it), different shapes: a separate file because infonce.py would pass ~400 lines with it.
+The same kernel as v1 (kernels/infonce.py's `_infonce_partial_kernel`, merged by v1's combine and finish
+kernels) at other shapes and with its TMA path on; this file holds those shapes, their launch plans and the
+tuner (a separate file because infonce.py would pass ~400 lines with them).
   - BLOCK_N >= 64 query rows per program, so the first dot's M can take a warpgroup MMA (wgmma needs 64
     rows per warpgroup); up to all 256 rows of a batch in one program for 16-bit queues, so the queue
     leaves L2 for the SMs once per row block, not 8 times as with v1's 32-row blocks.
@@ -35,12 +36,13 @@ from typing import Callable, NamedTuple
 
 import torch
 import triton
-import triton.language as tl
 
 try:
     from triton.tools.tensor_descriptor import TensorDescriptor
 except ImportError:  # an older Triton: pointer loads only
     TensorDescriptor = None
+
+from .infonce import _infonce_partial_kernel  # v1's kernel, with the descriptor path on
 
 log = logging.getLogger("moco_fast")
 CONFIG_ENV = "MOCO_FAST_TRITON_INFONCE_CONFIG"
@@ -90,82 +92,6 @@ def configs_for(fam: str) -> list:
     return [name for name in CONFIGS if name.startswith(fam + "-")]
 
 
-@triton.jit
-def _infonce_partial_hopper_kernel(q_ptr, k_ptr, queue_ptr, queue_desc, ws_acc, ws_m, ws_l, ws_above, pos_ptr,
-                                   N, C, K, stride_q, stride_k, scale2, P_SCALE,
-                                   QUEUE_FP32: tl.constexpr, SPLIT_Q: tl.constexpr, SPLIT_P: tl.constexpr,
-                                   PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                                   BLOCK_C: tl.constexpr, USE_DESC: tl.constexpr):
-    pid_n = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    n_splits = tl.num_programs(1)
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    cols = tl.arange(0, BLOCK_C)
-    row_ok = rows < N
-    col_ok = cols < C
-    rc_ok = row_ok[:, None] & col_ok[None, :]
-    rows64 = rows.to(tl.int64)
-    q = tl.load(q_ptr + rows64[:, None] * stride_q + cols[None, :], mask=rc_ok, other=0.0).to(tl.float32)
-    kk = tl.load(k_ptr + rows64[:, None] * stride_k + cols[None, :], mask=rc_ok, other=0.0).to(tl.float32)
-    pos = tl.sum(q * kk, axis=1)  # the raw positive logit, identical in every split
-    if pid_s == 0:
-        tl.store(pos_ptr + rows, pos, mask=row_ok)
-
-    kdt = queue_ptr.dtype.element_ty
-    if QUEUE_FP32:
-        q_hi = q
-        q_lo = q  # unused
-    else:
-        q_hi = q.to(kdt)
-        q_lo = (q - q_hi.to(tl.float32)).to(kdt)
-
-    m_i = tl.full([BLOCK_N], float("-inf"), tl.float32)  # running max, log2 units
-    l_i = tl.zeros([BLOCK_N], tl.float32)
-    above = tl.zeros([BLOCK_N], tl.int32)
-    acc = tl.zeros([BLOCK_N, BLOCK_C], tl.float32)
-
-    kb = tl.cdiv(K, BLOCK_K).to(tl.int64)
-    b_start = pid_s * kb // n_splits
-    b_end = (pid_s + 1) * kb // n_splits
-    for b in range(b_start, b_end):
-        keys = b * BLOCK_K + tl.arange(0, BLOCK_K)
-        key_ok = keys < K
-        if USE_DESC:  # TMA: rows past K and columns past C arrive as zeros
-            kt = queue_desc.load([tl.cast(b * BLOCK_K, tl.int32), 0])
-        else:
-            kt = tl.load(queue_ptr + keys[:, None] * C + cols[None, :],
-                         mask=key_ok[:, None] & col_ok[None, :], other=0.0)   # BLOCK_K x BLOCK_C
-        if QUEUE_FP32:
-            d = tl.dot(q_hi, tl.trans(kt), input_precision=PRECISION)     # BLOCK_N x BLOCK_K
-        else:
-            d = tl.dot(q_hi, tl.trans(kt))
-            if SPLIT_Q:
-                d = tl.dot(q_lo, tl.trans(kt), d)
-        d = tl.where(key_ok[None, :], d, float("-inf"))
-        above += tl.sum((d > pos[:, None]).to(tl.int32), axis=1)
-        s = d * scale2
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None]
-        p = p * P_SCALE
-        if QUEUE_FP32:
-            acc = tl.dot(p, kt, acc, input_precision=PRECISION)
-        else:
-            p_hi = p.to(kdt)
-            acc = tl.dot(p_hi, kt, acc)
-            if SPLIT_P:
-                acc = tl.dot((p - p_hi.to(tl.float32)).to(kdt), kt, acc)
-        m_i = m_new
-
-    base = pid_s.to(tl.int64) * N
-    tl.store(ws_m + base + rows, m_i, mask=row_ok)
-    tl.store(ws_l + base + rows, l_i, mask=row_ok)
-    tl.store(ws_above + base + rows, above, mask=row_ok)
-    tl.store(ws_acc + (base + rows64)[:, None] * C + cols[None, :], acc, mask=rc_ok)
-
-
 def _sm_count(device: torch.device) -> int:
     idx = device.index if device.index is not None else torch.cuda.current_device()
     if idx not in _SM_COUNT:
@@ -204,9 +130,9 @@ def launch_partial(cfg: dict, grid, args: tuple, constexprs: dict) -> None:
     desc = queue  # unused by the kernel when USE_DESC is False
     if cfg["desc"]:
         desc = TensorDescriptor(queue, list(queue.shape), list(queue.stride()), [cfg["BLOCK_K"], cfg["BLOCK_C"]])
-    _infonce_partial_hopper_kernel[grid](*args[:3], desc, *args[3:], **constexprs, BLOCK_N=cfg["BLOCK_N"],
-                                         BLOCK_K=cfg["BLOCK_K"], BLOCK_C=cfg["BLOCK_C"], USE_DESC=cfg["desc"],
-                                         **cfg["warps"])
+    _infonce_partial_kernel[grid](*args[:3], desc, *args[3:], **constexprs, BLOCK_N=cfg["BLOCK_N"],
+                                  BLOCK_K=cfg["BLOCK_K"], BLOCK_C=cfg["BLOCK_C"], USE_DESC=cfg["desc"],
+                                  **cfg["warps"])
 
 
 def _agrees(out, ref) -> bool:

@@ -43,6 +43,29 @@ def infonce_ref(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperatu
     return loss, stats
 
 
+def accum_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """The dtype InfoNCE's loss and dL/dq come in: fp64 when an input is fp64, else fp32."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def infonce_fwd_ref(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, inv_temperature: float,
+                    allow_tf32: bool = False):
+    """What the fast kernels' one pass returns: (loss, dL/dq for an upstream gradient of 1, [acc1, acc5]).
+
+    q: (N, C), k: (N, C), queue: (K, C). loss: 0-dim and dL/dq: (N, C), both in accum_dtype; stats: (2,) fp32.
+    dL/dq is written out, (softmax - onehot) @ [k; queue] / (T N): the kernels run below autograd.
+    allow_tf32 is the kernels' flag; here matmuls follow torch's own precision setting.
+    """
+    acc = accum_dtype(q, k, queue)
+    loss, stats = infonce_ref(q, k, queue, 1.0 / inv_temperature, return_stats=True)
+    dtype = _common_dtype(q, k, queue)
+    q, k, queue = q.to(dtype), k.to(dtype), queue.to(dtype)
+    logits = torch.cat([(q * k).sum(1, keepdim=True), q @ queue.T], dim=1) * inv_temperature  # Nx(1+K)
+    p = torch.softmax(logits.to(acc), dim=1)
+    grad_q = (p[:, :1] * k.to(acc) + p[:, 1:] @ queue.to(acc) - k.to(acc)) * (inv_temperature / q.shape[0])
+    return loss.to(acc), grad_q, torch.stack([stats["acc1"], stats["acc5"]])
+
+
 @torch.no_grad()
 def momentum_update_ref_(params_k, params_q, m) -> None:
     """p_k <- m * p_k + (1 - m) * p_q for every pair, in place, math in fp32 (fp64 for fp64 tensors)."""

@@ -25,11 +25,9 @@ PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bi
 
 
 def load(name: str):
-    spec = importlib.util.spec_from_file_location(f"moco_fast.kernels.{name}", os.path.join(ROOT, "kernels", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    sys.path.insert(0, ROOT)
+    from moco_fast.ops._backends import triton_module  # kernels/ as the package moco_fast.kernels
+    return triton_module(name)
 
 
 def compile_ptx(fn, sig: dict, constexprs: dict, options: dict, aligned=()) -> tuple[str, int]:
@@ -55,11 +53,11 @@ def count(ptx: str, patterns: dict) -> dict:
 
 def infonce_report() -> None:
     v1, hop = load("infonce"), load("infonce_hopper")
-    cases = [("v1 tf32", v1._infonce_partial_kernel, "fp32", "tf32", hop.Config(32, 64, 8, 3, False), False),
-             ("v1 bf16", v1._infonce_partial_kernel, "bf16", "tf32", hop.Config(32, 128, 8, 3, False), False)]
+    cases = [("v1 tf32", v1._infonce_partial_kernel, "fp32", "tf32", hop.Config(32, 64, 8, 3, False), True),
+             ("v1 bf16", v1._infonce_partial_kernel, "bf16", "tf32", hop.Config(32, 128, 8, 3, False), True)]
     for name, c in hop.CONFIGS.items():
         fam = name.split("-")[0]
-        cases.append((name, hop._infonce_partial_hopper_kernel, "bf16" if fam == "b16" else "fp32",
+        cases.append((name, v1._infonce_partial_kernel, "bf16" if fam == "b16" else "fp32",
                       "ieee" if fam == "ieee" else "tf32", c, True))
     for name, fn, dt, precision, c, hopper in cases:
         sig = {"q_ptr": f"*{dt}", "k_ptr": f"*{dt}", "queue_ptr": f"*{dt}"}

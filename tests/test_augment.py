@@ -8,7 +8,6 @@ import torchvision.transforms.functional as TF
 
 from conftest import fast_backends, poison_allocator
 from moco_fast import ops
-from moco_fast.ops import _custom
 from moco_fast.reference import color_augment_ref, crop_resize_ref
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -148,12 +147,12 @@ def test_color_augment_kernel_matches_reference(device, backend, gray_first, out
 def test_augment_opcheck_and_compile(device, backend):
     images, data, offsets, heights, widths = packed_images(SHAPES[:3], device)
     index = [t.to(device) for t in (offsets, heights, widths, BOXES[:3])]
-    torch.library.opcheck(_custom.crop_resize_op, (data, *index, 6, 5, 5, backend))
+    torch.library.opcheck(torch.ops.moco_fast.crop_resize, (data, *index, 6, 5, 5, backend))
     x = torch.rand(4, 3, 5, 6, device=device)
     factors, order, jitter, gray, flip = color_params(4, device)
     for out_dtype, channels_last in [(torch.float32, True), (torch.float32, False)]:
-        torch.library.opcheck(_custom.color_augment_op, (x, factors, order, jitter, gray, flip, list(MEAN), list(STD),
-                                                         False, out_dtype, channels_last, backend))
+        torch.library.opcheck(torch.ops.moco_fast.color_augment, (x, factors, order, jitter, gray, flip, list(MEAN),
+                                                                  list(STD), False, out_dtype, channels_last, backend))
 
     def pipeline(data, offsets, heights, widths, boxes, factors, order, jitter, gray, flip):
         crops = ops.crop_resize(data, offsets, heights, widths, boxes, 6, backend=backend, max_crop=40)

@@ -4,7 +4,6 @@ import torch
 
 from conftest import fast_backends
 from moco_fast import ops
-from moco_fast.ops import _custom
 from moco_fast.reference import enqueue_ref_
 
 # (K, C, start pointer, batch sizes of successive calls)
@@ -41,7 +40,7 @@ def test_enqueue_matches_reference(device, backend, K, C, start, batches, queue_
 @pytest.mark.parametrize("device, backend", fast_backends("enqueue") + [pytest.param("cpu", "reference", id="reference")])
 def test_enqueue_opcheck_and_compile(device, backend):
     queue, ptr, keys = torch.zeros(9, 4, device=device), torch.tensor([7], device=device), torch.randn(3, 4, device=device)
-    torch.library.opcheck(_custom.enqueue_op, (queue.clone(), ptr.clone(), keys, backend))
+    torch.library.opcheck(torch.ops.moco_fast.enqueue_, (queue.clone(), ptr.clone(), keys, backend))
     compiled = torch.compile(lambda q, p, k: ops.enqueue_(q, p, k, backend=backend), fullgraph=True)
     expected, expected_ptr = queue.clone(), ptr.clone()
     for _ in range(4):

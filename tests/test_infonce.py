@@ -1,11 +1,13 @@
 """ops.infonce against infonce_ref (float64), every fast backend, odd shapes, every dtype."""
+import importlib
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from conftest import fast_backends, poison_allocator
 from moco_fast import ops
-from moco_fast.ops import _custom, _self_check
+from moco_fast.ops import _backends, _self_check
 from moco_fast.reference import infonce_ref
 
 T = 0.07
@@ -105,7 +107,7 @@ def test_infonce_queue_mutated_after_forward(device, backend):
 def test_infonce_opcheck(device, backend):
     q, k, queue = make_inputs(3, 16, 50, F32, F32, device)
     q.requires_grad_(True)
-    torch.library.opcheck(_custom.infonce_op, (q, k, queue, T, backend, False))
+    torch.library.opcheck(torch.ops.moco_fast.infonce, (q, k, queue, T, backend, False))
 
 
 @pytest.mark.parametrize("device, backend", fast_backends("infonce"))
@@ -119,6 +121,22 @@ def test_infonce_compiles_fullgraph(device, backend):
     eager_loss, eager_grad, eager_stats = run(q, k, queue, backend)
     assert torch.equal(loss, eager_loss) and torch.equal(qc.grad, eager_grad)
     assert stats["acc5"].item() == eager_stats["acc5"].item()
+
+
+def test_infonce_eager_call_enters_the_custom_op_only_for_autograd(monkeypatch):
+    """The eager rule of every op (_backends.skips_dispatch): no gradient to record, no custom-op dispatch."""
+    module = importlib.import_module("moco_fast.ops.infonce")  # ops.infonce is the function
+    calls = []
+    real = module.infonce_op
+    monkeypatch.setattr(module, "infonce_op", lambda *args: calls.append(args[4]) or real(*args))
+    q, k, queue = make_inputs(3, 8, 20, F32, F32, "cpu")
+    with torch.no_grad():
+        expected = ops.infonce(q, k, queue, T, backend="reference")
+    assert calls == []
+    q.requires_grad_(True)
+    loss = ops.infonce(q, k, queue, T, backend="reference")
+    loss.backward()
+    assert calls == ["reference"] and torch.equal(loss, expected) and q.grad is not None
 
 
 def test_infonce_ref_is_the_official_cross_entropy():
@@ -208,8 +226,7 @@ def test_infonce_gradient_keeps_its_precision_when_the_positive_saturates(device
 # every config of the Triton "hopper" variant (the interpreter runs the same program for any config)
 
 def _hopper_module():
-    from moco_fast.ops._backends import triton_kernels
-    return triton_kernels("infonce")._hopper()
+    return _backends.triton_module("infonce_hopper")
 
 
 def hopper_configs():
@@ -254,7 +271,7 @@ def test_infonce_triton_variant_names(monkeypatch):
     """The default is v1 (until a GPU run confirms hopper); unknown names are errors, never a fallback."""
     pytest.importorskip("triton")
     hop = _hopper_module()
-    module = __import__("sys").modules[hop.__name__.rpartition(".")[0] + ".infonce"]
+    module = _backends.triton_module("infonce")
     monkeypatch.delenv("MOCO_FAST_TRITON_INFONCE", raising=False)
     assert module.variant() == "v1"
     q, k, queue = make_inputs(2, 8, 5, F32, F32, "cpu")
@@ -310,7 +327,7 @@ def test_infonce_triton_hopper_opcheck_and_compile(device, backend, monkeypatch)
     """The hopper variant behind the same custom op: opcheck, and a fullgraph compile equal to eager."""
     monkeypatch.setenv("MOCO_FAST_TRITON_INFONCE", "hopper")
     q, k, queue = make_inputs(6, 32, 100, F32, F32, device)
-    torch.library.opcheck(_custom.infonce_op, (q.clone().requires_grad_(True), k, queue, T, backend, False))
+    torch.library.opcheck(torch.ops.moco_fast.infonce, (q.clone().requires_grad_(True), k, queue, T, backend, False))
     compiled = torch.compile(lambda q: ops.infonce(q, k, queue, T, backend=backend), fullgraph=True)
     qc = q.clone().requires_grad_(True)
     loss = compiled(qc)

@@ -5,7 +5,8 @@ import torchvision
 
 from conftest import fast_backends
 from moco_fast import ops
-from moco_fast.ops import _custom
+from moco_fast.ops import _backends
+from moco_fast.ops.momentum_update import kernel
 from moco_fast.reference import momentum_update_ref_
 
 SIZES = [(1,), (7,), (0,), (1000,), (3, 5, 7), (4099,), (65536 + 3,)]
@@ -68,7 +69,6 @@ def test_momentum_update_resnet50_and_mixed_dtypes(device, backend):
 @pytest.mark.parametrize("device, backend", [p for p in fast_backends("momentum_update") if p.values[1] == "triton"])
 def test_momentum_update_triton_misaligned_and_block_edges(device, backend, triton_ema):
     """Views 4 bytes past an aligned address (v2 must drop its alignment hint) and sizes at a block's edges."""
-    from moco_fast.ops._custom import kernel
     block = 4096
     sizes = [block - 1, block, block + 1, 2 * block]
     base_k = [torch.randn(n + 1, device=device) for n in sizes]
@@ -79,7 +79,7 @@ def test_momentum_update_triton_misaligned_and_block_edges(device, backend, trit
         before = [b.clone() for b in base_k]
         expected = [p.clone() for p in params_k]
         momentum_update_ref_(expected, params_q, 0.9)
-        kernel("momentum_update_", backend)(params_k, params_q, None, 0.9)
+        kernel(backend)(params_k, params_q, None, 0.9)
         for got, want, b, old, n in zip(params_k, expected, base_k, before, sizes):
             assert torch.equal(got, want), (off, n)
             rest = torch.ones(n + 1, dtype=torch.bool)
@@ -89,10 +89,9 @@ def test_momentum_update_triton_misaligned_and_block_edges(device, backend, trit
 
 def test_momentum_update_triton_unknown_variant(monkeypatch):
     pytest.importorskip("triton")
-    from moco_fast.ops._backends import triton_kernels
     monkeypatch.setenv("MOCO_FAST_TRITON_EMA", "v9")
     with pytest.raises(ValueError, match=r"unknown Triton variant 'v9' \(MOCO_FAST_TRITON_EMA\)"):
-        triton_kernels("momentum_update").momentum_update_([torch.zeros(1)], [torch.zeros(1)], None, 0.9)
+        _backends.triton_module("momentum_update").momentum_update_([torch.zeros(1)], [torch.zeros(1)], None, 0.9)
 
 
 @pytest.mark.parametrize("device, backend", fast_backends("momentum_update"))
@@ -110,8 +109,8 @@ def test_momentum_update_channels_last(device, backend):
 def test_momentum_update_opcheck_and_compile(device, backend):
     params_k, params_q = make_pairs([(5,), (3, 4)], torch.float32, device)
     m = torch.tensor([0.9], device=device)
-    torch.library.opcheck(_custom.momentum_update_op, ([p.clone() for p in params_k], params_q, m, 0.0, backend))
-    torch.library.opcheck(_custom.momentum_update_op, ([p.clone() for p in params_k], params_q, None, 0.9, backend))
+    torch.library.opcheck(torch.ops.moco_fast.momentum_update_, ([p.clone() for p in params_k], params_q, m, 0.0, backend))
+    torch.library.opcheck(torch.ops.moco_fast.momentum_update_, ([p.clone() for p in params_k], params_q, None, 0.9, backend))
     compiled = torch.compile(lambda pk, pq, m: ops.momentum_update_(pk, pq, m, backend=backend), fullgraph=True)
     expected = [p.clone() for p in params_k]
     for value in (0.9, 0.5):  # a new momentum value needs no recompilation: it is data

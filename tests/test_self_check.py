@@ -1,5 +1,6 @@
 """The run-time self-check (moco_fast/ops/_self_check.py): a fast backend that is wrong on the user's device
 is never picked by `auto` and raises when asked for by name; `python -m moco_fast.info` reports it."""
+import importlib
 import logging
 import subprocess
 import sys
@@ -8,7 +9,7 @@ import pytest
 import torch
 
 from moco_fast import ops
-from moco_fast.ops import _backends, _custom, _self_check
+from moco_fast.ops import _backends, _self_check
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 needs_cpu_backend = pytest.mark.skipif(_backends.unusable_reason("infonce", "cpu", "cpu") is not None,
@@ -23,13 +24,17 @@ def fresh_caches(monkeypatch):
     _backends.clear_caches()
 
 
+def op_module(op: str):
+    return importlib.import_module(f"moco_fast.ops.{op}")  # not ops.<op>: ops.infonce is the function
+
+
 def wrong(op: str, backend: str, monkeypatch, how):
     """Replace one backend's kernel for `op` by `how(real kernel)`; the others stay real."""
-    real = _custom.kernel
+    real = op_module(op).kernel
 
-    def kernel(name, b):
-        return how(real(name, b)) if (name, b) == (op, backend) else real(name, b)
-    monkeypatch.setattr(_custom, "kernel", kernel)
+    def kernel(b):
+        return how(real(b)) if b == backend else real(b)
+    monkeypatch.setattr(op_module(op), "kernel", kernel)
 
 
 def off_by_a_bit(fn, rel=1e-3):
@@ -55,7 +60,7 @@ def test_every_cpu_kernel_passes_its_self_check():
 
 @needs_cpu_backend
 def test_a_wrong_infonce_kernel_is_refused_by_auto_and_raises_by_name(monkeypatch, caplog):
-    wrong("infonce_fwd", "cpu", monkeypatch, off_by_a_bit)
+    wrong("infonce", "cpu", monkeypatch, off_by_a_bit)
     q, k, queue = infonce_inputs()
     with caplog.at_level(logging.WARNING, logger="moco_fast"):
         loss = ops.infonce(q, k, queue, 0.2)  # auto: the cpu backend fails, the reference serves
@@ -76,7 +81,7 @@ def test_the_check_is_per_dtype_combination(monkeypatch):
     def bf16_only(fn):
         return lambda q, k, queue, *rest: off_by_a_bit(fn, 0.1)(q, k, queue, *rest) if queue.dtype == torch.bfloat16 \
             else fn(q, k, queue, *rest)
-    wrong("infonce_fwd", "cpu", monkeypatch, bf16_only)
+    wrong("infonce", "cpu", monkeypatch, bf16_only)
     q, k, queue = infonce_inputs()
     assert _backends.resolve("infonce", "auto", "cpu", (q.dtype, k.dtype, queue.dtype, "ieee")) == "cpu"
     assert _backends.resolve("infonce", "auto", "cpu", (q.dtype, k.dtype, torch.bfloat16, "ieee")) == "reference"
@@ -84,34 +89,40 @@ def test_the_check_is_per_dtype_combination(monkeypatch):
 
 @needs_cpu_backend
 @pytest.mark.parametrize("op, how", [
-    ("momentum_update_", lambda fn: lambda pk, pq, mt, m: fn(pk, pq, mt, m * (1 - 1e-7) if mt is None else m)),
-    ("enqueue_", lambda fn: lambda queue, ptr, keys: fn(queue, ptr, keys[:-1]) if keys.shape[0] > 1 else fn(
+    ("momentum_update", lambda fn: lambda pk, pq, mt, m: fn(pk, pq, mt, m * (1 - 1e-7) if mt is None else m)),
+    ("enqueue", lambda fn: lambda queue, ptr, keys: fn(queue, ptr, keys[:-1]) if keys.shape[0] > 1 else fn(
         queue, ptr, keys)),
-    ("momentum_update_", lambda fn: lambda *args: (_ for _ in ()).throw(RuntimeError("no kernel image for sm_120"))),
+    ("momentum_update", lambda fn: lambda *args: (_ for _ in ()).throw(RuntimeError("no kernel image for sm_120"))),
 ], ids=["ema-one-ulp", "enqueue-drops-a-key", "ema-raises"])
 def test_wrong_ema_and_enqueue_kernels_are_refused(monkeypatch, op, how):
     wrong(op, "cpu", monkeypatch, how)
-    name = op.rstrip("_")
-    variant = ("float32",) if name == "momentum_update" else ("float32", "float32")
-    assert _backends.resolve(name, "auto", "cpu", variant) == "reference"
+    variant = ("float32",) if op == "momentum_update" else ("float32", "float32")
+    assert _backends.resolve(op, "auto", "cpu", variant) == "reference"
     with pytest.raises(RuntimeError, match="failed its run-time self-check"):
-        _backends.resolve(name, "cpu", "cpu", variant)
+        _backends.resolve(op, "cpu", "cpu", variant)
 
 
 @needs_cpu_backend
 def test_the_environment_variable_turns_the_check_off(monkeypatch):
-    wrong("infonce_fwd", "cpu", monkeypatch, off_by_a_bit)
+    wrong("infonce", "cpu", monkeypatch, off_by_a_bit)
     monkeypatch.setenv(_self_check.ENV, "0")
     q, k, queue = infonce_inputs()
     assert _backends.resolve("infonce", "auto", "cpu", (q.dtype,) * 3 + ("ieee",)) == "cpu"
     ops.infonce(q, k, queue, 0.2, backend="cpu")  # no error: the user chose to skip the check
 
 
-@needs_cpu_backend
-def test_the_check_runs_once_per_key(monkeypatch):
+@pytest.fixture
+def infonce_checks(monkeypatch):
+    """The arguments of every infonce self-check that runs (each still runs the real check)."""
     calls = []
     real = _self_check.CHECKS["infonce"]
     monkeypatch.setitem(_self_check.CHECKS, "infonce", lambda *a: calls.append(a) or real(*a))
+    return calls
+
+
+@needs_cpu_backend
+def test_the_check_runs_once_per_key(infonce_checks):
+    calls = infonce_checks
     q, k, queue = infonce_inputs()
     for _ in range(3):
         ops.infonce(q, k, queue, 0.2)
@@ -120,11 +131,9 @@ def test_the_check_runs_once_per_key(monkeypatch):
 
 
 @needs_cpu_backend
-def test_the_check_runs_on_real_tensors_while_torch_compile_traces(monkeypatch):
+def test_the_check_runs_on_real_tensors_while_torch_compile_traces(infonce_checks):
     """The first call of a compiled graph resolves the backend during tracing: the check must still compute."""
-    calls = []
-    real = _self_check.CHECKS["infonce"]
-    monkeypatch.setitem(_self_check.CHECKS, "infonce", lambda *a: calls.append(a) or real(*a))
+    calls = infonce_checks
     q, k, queue = infonce_inputs()
     compiled = torch.compile(lambda q: ops.infonce(q, k, queue, 0.2), fullgraph=True)
     torch.testing.assert_close(compiled(q), ops.infonce(q, k, queue, 0.2, backend="reference"))
@@ -152,13 +161,13 @@ def test_each_triton_variant_gets_its_own_self_check(monkeypatch):
     if _backends.unusable_reason("infonce", "triton", "cpu") is not None:
         pytest.skip("Triton on CPU tensors needs the interpreter")
     seen = []
-    real = _custom.kernel
+    real = op_module("infonce").kernel
 
-    def kernel(name, b):
-        fn = real(name, b)
+    def kernel(b):
+        fn = real(b)
         return (lambda *a: (seen.append(__import__("os").environ.get("MOCO_FAST_TRITON_INFONCE")), fn(*a))[1]) \
-            if (name, b) == ("infonce_fwd", "triton") else fn
-    monkeypatch.setattr(_custom, "kernel", kernel)
+            if b == "triton" else fn
+    monkeypatch.setattr(op_module("infonce"), "kernel", kernel)
     variant = ("float32", "float32", "float32", "ieee")
     for name in ("v1", "hopper", "v1"):
         monkeypatch.setenv("MOCO_FAST_TRITON_INFONCE", name)

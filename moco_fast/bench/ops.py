@@ -20,7 +20,7 @@ import torchvision
 from moco_fast import ops
 from moco_fast.gpu_augment import sample_params
 from moco_fast.bench.timing import copy_bandwidth_gbps, host_seconds, matmul_tflops, peak_extra_mib, time_op
-from moco_fast.ops import _custom
+from moco_fast.ops.momentum_update import kernel as momentum_update_kernel
 from moco_fast.ops._backends import unusable_reason
 from moco_fast.reference import enqueue_ref_, infonce_ref, momentum_update_ref_
 
@@ -275,7 +275,7 @@ def bench_host(device: str, quick: bool = False) -> list[dict]:
             rows.append(_host_row("momentum_update", label, backend, lambda b=backend: ops.momentum_update_(
                 params_k, params_q, 0.999, backend=b), device, quick))
         for backend in fast_backends("momentum_update", device):
-            kernel = _custom.kernel("momentum_update_", backend)
+            kernel = momentum_update_kernel(backend)
             rows.append(_host_row("momentum_update", label, f"{backend} kernel only",
                                   lambda f=kernel: f(params_k, params_q, None, 0.999), device, quick))
     queue, keys = torch.randn(4096, 64, device=device), torch.randn(8, 64, device=device)

@@ -10,6 +10,7 @@ refuses to run inside a CUDA-graph capture (one eager call before capturing runs
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import math
 import os
 
@@ -74,8 +75,8 @@ def _dtype(name: str) -> torch.dtype:
 
 
 def _kernel(op: str, backend: str):
-    from moco_fast.ops import _custom
-    return _custom.kernel(op, backend)
+    """The kernel the op's custom op calls, looked up at call time (tests swap in wrong ones)."""
+    return importlib.import_module(f"moco_fast.ops.{op}").kernel(backend)  # ops.infonce is the function
 
 
 def _compare(pairs) -> Result:
@@ -99,11 +100,10 @@ def check_infonce(backend: str, device: torch.device, variant: tuple[str, ...]) 
     k = F.normalize(q + torch.randn(8, 64, generator=g, dtype=F64), dim=1)
     queue = F.normalize(torch.randn(300, 64, generator=g, dtype=F64), dim=1)
     inv_t, tf32 = 1 / 0.07, precision == "tf32"
-    from moco_fast.ops._custom import _infonce_fwd_reference
-    exact = _infonce_fwd_reference(q, k, queue, inv_t, False)
+    exact = reference.infonce_fwd_ref(q, k, queue, inv_t, False)
     args = q.to(device, _dtype(q_dt)), k.to(device, _dtype(k_dt)), queue.to(device, _dtype(queue_dt))
-    native = _infonce_fwd_reference(*args, inv_t, tf32)
-    ours = _kernel("infonce_fwd", backend)(*args, inv_t, tf32)
+    native = reference.infonce_fwd_ref(*args, inv_t, tf32)
+    ours = _kernel("infonce", backend)(*args, inv_t, tf32)
     floor = 1e-6 if F64 not in (args[0].dtype, args[2].dtype) else 1e-12
     return _compare([(name, ours[i], exact[i], error_bound(exact[i], native[i], floor))
                      for i, name in ((0, "loss"), (1, "dL/dq"))])
@@ -119,9 +119,9 @@ def check_momentum_update(backend: str, device: torch.device, variant: tuple[str
             pq.append(torch.randn(shape, generator=g).to(device, _dtype(name)))
     expected = [p.clone() for p in pk]
     reference.momentum_update_ref_(expected, pq, 0.99)
-    _kernel("momentum_update_", backend)(pk, pq, None, 0.99)
+    _kernel("momentum_update", backend)(pk, pq, None, 0.99)
     reference.momentum_update_ref_(expected, pq, 0.5)
-    _kernel("momentum_update_", backend)(pk, pq, torch.tensor([0.5], dtype=F64, device=device), 0.0)
+    _kernel("momentum_update", backend)(pk, pq, torch.tensor([0.5], dtype=F64, device=device), 0.0)
     return _compare([(f"params_k[{i}]", a, b.cpu(), None) for i, (a, b) in enumerate(zip(pk, expected))])
 
 
@@ -135,7 +135,7 @@ def check_enqueue(backend: str, device: torch.device, variant: tuple[str, ...]) 
     for b in (5, 13):
         keys = torch.randn(b, 4, generator=g).to(device, keys_dt)
         reference.enqueue_ref_(expected_queue, expected_ptr, keys.cpu())
-        _kernel("enqueue_", backend)(queue, ptr, keys)
+        _kernel("enqueue", backend)(queue, ptr, keys)
     return _compare([("queue", queue, expected_queue, None), ("ptr", ptr, expected_ptr, None)])
 
 
