@@ -98,7 +98,7 @@ def unusable_reason(op: str, backend: str, device_type: str) -> str | None:
 
 _RESOLVED: dict[tuple, str] = {}
 # the Triton kernels' variant switches (kernels/infonce.py, kernels/momentum_update.py)
-TRITON_VARIANT_ENVS = ("MOCO_FAST_TRITON_INFONCE", "MOCO_FAST_TRITON_INFONCE_CONFIG", "MOCO_FAST_TRITON_EMA")
+TRITON_VARIANT_ENVS = ("MOCO_FAST_TRITON_INFONCE", "MOCO_FAST_TRITON_INFONCE_CONFIG", "MOCO_FAST_TRITON_EMA", "MOCO_FAST_CUDA_INFONCE")
 
 
 def triton_variant_env() -> tuple[str, ...]:
