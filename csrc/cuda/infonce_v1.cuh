@@ -16,12 +16,13 @@
 //
 // Floors at N=256 C=128 K=65,536 (H200: 132 SMs), MmaEngine<tf32> (fp32 queue; BM=64, BN=32, 86.5 KB of
 // shared memory, 2 CTAs per SM, 4 row blocks x 66 splits):
-//   DRAM   the queue once, 32 MiB (bf16: 16 MiB), + q, k 0.25 MiB; partials 66 x 256 x 131 x 4 B = 8.9 MB
-//          written and read back by the combine (L2-resident if they stay there)
+//   DRAM   the queue once, 32 MiB (bf16: 16 MiB; 7 us at 4.8 TB/s), + q, k 0.25 MiB; partials
+//          66 x 256 x 131 x 4 B = 8.9 MB written and read back by the combine (L2-resident if they stay there)
 //   L2     each of the 4 row blocks streams the whole queue: 128 MiB (bf16: 64 MiB) from L2 to the SMs
-//   smem   per 32-key tile and CTA: 16 KB cp.async in, 32 KB TF32 rounding, 4 warps x (8 KB Q + 16 KB V)
-//          for S, 8 KB S out, 16 KB softmax, 4 x (2 KB P + 16 KB V) for O: ~240 KB per 1.05 MFLOP,
-//          1.9 GB in all (~57 us at 128 B/clk/SM x 132 SMs x 1.98 GHz); bf16 (BN=64): ~1.0 GB
+//   smem   per 32-key tile and CTA: 16 KiB cp.async in, 32 KiB TF32 rounding, 4 warps x (8 KiB Q + 16 KiB
+//          V) for S, 8 KiB S out, 16 KiB softmax, 4 x (2 KiB P + 16 KiB V) for O: 240 KiB per 1.05 MFLOP,
+//          2.0 GB in all, ~60 us at 128 B/clk/SM x 132 SMs x 1.98 GHz (33 TB/s); bf16 (BN = 64: 208 KiB
+//          per 2.1 MFLOP) 0.87 GB, ~26 us
 //   MMA    4 N K C = 8.6 GFLOP: 17 us at H200's dense TF32 peak (494 TFLOP/s, a wgmma figure; the WMMA /
 //          mma.sync path used here issues at a fraction of it), 8.7 us at the bf16 peak (989 TFLOP/s)
 #pragma once

@@ -24,17 +24,19 @@
 // past N skip the math (N = 32 keeps 2 of 8 warps busy; the split count fills the GPU instead).
 //
 // Floors at N=256 C=128 K=65,536 (H200: 132 SMs, 1 CTA of 8 warps per SM, 2 row blocks x 66 splits):
-//   DRAM   the queue once, 32 MiB (bf16: 16 MiB), + q, k 0.25 MiB; partials 66 x 256 x 131 x 4 B = 8.9 MB
-//          written and read back by the combine (as v1)
+//   DRAM   the queue once, 32 MiB (bf16: 16 MiB; 7 us at 4.8 TB/s), + q, k 0.25 MiB; partials
+//          66 x 256 x 131 x 4 B = 8.9 MB written and read back by the combine (as v1)
 //   L2     each of the 2 row blocks streams the queue: 64 MiB (bf16: 32 MiB) from L2 to the SMs (v1: 128)
-//   smem   per 64-key tile and CTA (4.19 MFLOP): 32 KB cp.async in, 64 KB TF32 rounding, 8 warps x 2 x
-//          32 KB reads = 608 KB, 145 KB/MFLOP (v1: ~240), 1.2 GB in all: ~36 us at 128 B/clk/SM x 132
-//          x 1.98 GHz, the bound of this design in TF32; bf16: 16 + 8 x 2 x 16 KB = 272 KB, 65 KB/MFLOP,
-//          0.53 GB, ~16 us. (32 rows per warp would halve the reads: O alone would then take 128 registers.)
+//   smem   per 64-key tile and CTA (4.19 MFLOP): 32 KiB cp.async in, 64 KiB TF32 rounding, 8 warps x 2 x
+//          32 KiB reads = 608 KiB, 145 KiB/MFLOP (v1: 229), 1.3 GB in all: ~38 us at 128 B/clk/SM x 132
+//          x 1.98 GHz (33 TB/s), the bound of this design in TF32; bf16: 16 + 8 x 2 x 16 KiB = 272 KiB,
+//          65 KiB/MFLOP, 0.57 GB, ~17 us. (32 rows per warp would halve the reads, but O alone would then
+//          take 128 registers; wgmma reads B once per 64-row warpgroup.)
 //   MMA    4 N K C = 8.6 GFLOP: 17 us at H200's dense TF32 peak (494 TFLOP/s, a wgmma figure; mma.sync
 //          issues at a fraction of it on sm_90), 8.7 us at the bf16 peak (989 TFLOP/s)
 // Shared memory: 3 x 64 x 132 x 4 = 99 KB (TF32) or 3 x 64 x 136 x 2 = 51 KB (16-bit), opted in above 48 KB.
-// Registers (ptxas, sm_90, -O3): see the report of the commit that adds this file / scripts in README.
+// ptxas (nvcc 13.0, sm_90, -O3): TF32 251 registers, bf16 231, fp16 225; no spills; 1 barrier. Per tile and
+// warp: TF32 256 mma + 64 ldmatrix + 64 128-bit loads; 16-bit 128 mma + 64 ldmatrix. Hence 1 CTA per SM.
 #pragma once
 
 #include <algorithm>
@@ -289,8 +291,9 @@ __global__ void __launch_bounds__(kThreads, 1) infonce_fwd_v2_kernel(const Param
         l[h] *= a[h];
       }
     }
-    if (__any_sync(0xffffffffu, a[0] != 1.f || a[1] != 1.f))
+    if (__any_sync(0xffffffffu, a[0] != 1.f || a[1] != 1.f)) {  // rare after the first tile: kLazy
       UNROLL for (int nt = 0; nt < CP / 8; ++nt) o[nt][0] *= a[0], o[nt][1] *= a[0], o[nt][2] *= a[1], o[nt][3] *= a[1];
+    }
     UNROLL for (int nb = 0; nb < BN / 8; ++nb) UNROLL for (int e = 0; e < 4; ++e) {
       const float w = Op::from(Op::to(__expf(s[nb][e] - m[e / 2])));  // the rounded weight, in l as in O
       s[nb][e] = w;
