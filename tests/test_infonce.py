@@ -375,3 +375,18 @@ def test_infonce_cuda_variant_names(device, backend, monkeypatch):
     monkeypatch.setenv("MOCO_FAST_CUDA_INFONCE", "v3")
     with pytest.raises(RuntimeError, match=r"unknown CUDA variant 'v3' \(MOCO_FAST_CUDA_INFONCE\)"):
         torch.ops.moco_fast.infonce_fwd(q, k, queue, 1 / T, False)
+
+
+@pytest.mark.parametrize("device, backend", [p for p in fast_backends("infonce") if p.values[1] == "cuda"])
+def test_infonce_cuda_v2_opcheck_and_compile(device, backend, monkeypatch, matmul_precision_high):
+    """v2 behind the same custom op (TF32, so that v2 and not v1's FMA engine serves): opcheck, and a
+    fullgraph compile equal to eager."""
+    monkeypatch.setenv("MOCO_FAST_CUDA_INFONCE", "v2")
+    q, k, queue = make_inputs(6, 32, 100, F32, F32, device)
+    torch.library.opcheck(_custom.infonce_op, (q.clone().requires_grad_(True), k, queue, T, backend, True))
+    compiled = torch.compile(lambda q: ops.infonce(q, k, queue, T, backend=backend), fullgraph=True)
+    qc = q.clone().requires_grad_(True)
+    loss = compiled(qc)
+    loss.backward()
+    eager_loss, eager_grad, _ = run(q, k, queue, backend)
+    assert torch.equal(loss, eager_loss) and torch.equal(qc.grad, eager_grad)
