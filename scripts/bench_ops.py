@@ -4,8 +4,8 @@
     python scripts/bench_ops.py --op infonce --json out.json
     python scripts/bench_ops.py --quick              # tiny sizes: a smoke run
     python scripts/bench_ops.py --host-only          # eager host time per call of the three ops, small sizes
-    python scripts/bench_ops.py --op infonce --variants  # old and new Triton kernels side by side:
-                                                     # triton[v1] and triton[hopper] at N 32/256 x
+    python scripts/bench_ops.py --op infonce --variants  # old and new kernels side by side: triton[v1],
+                                                     # triton[hopper], cuda[v1], cuda[v2] at N 32/256 x
                                                      # K 4,096/65,536/1,048,576 x fp32 (TF32)/bf16 queue
     python scripts/bench_ops.py --op momentum_update --variants   # triton[v1] and triton[v2]
 
@@ -37,7 +37,7 @@ def main():
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     parser.add_argument("--quick", action="store_true", help="tiny sizes (a smoke run)")
     parser.add_argument("--variants", action="store_true",
-                        help="each Triton kernel variant as its own provider, infonce over the variants' grid "
+                        help="each Triton and CUDA kernel variant as its own provider, infonce over the variants' grid "
                              "(compile_s of a triton[...] row: its first call, compile and autotune)")
     parser.add_argument("--host-only", action="store_true",
                         help="only the eager host time per call of infonce, momentum_update and enqueue at "

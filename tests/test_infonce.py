@@ -334,3 +334,76 @@ def test_infonce_triton_hopper_opcheck_and_compile(device, backend, monkeypatch)
     loss.backward()
     eager_loss, eager_grad, _ = run(q, k, queue, backend)
     assert torch.equal(loss, eager_loss) and torch.equal(qc.grad, eager_grad)
+
+
+# ------------------------------------------------------------------------------------------------
+# the CUDA backend's variants (MOCO_FAST_CUDA_INFONCE, csrc/cuda/infonce.cu); the tests above run the default, v1
+
+CUDA_VARIANTS = [pytest.param(v, id=f"cuda_{v}") for v in ("v1", "v2")]
+# v2's tiles: 128 rows x 64 keys, C padded to 128. C=1, 3, 127 (converted rows), 64 and 128 (raw copies),
+# N=130 (two row blocks, a partial warp), K=1, 65 and 4097 (one key after full tiles), K=65537 (~16 tiles
+# per CTA: the ring wraps); C=200 runs v1's kernel under v2
+CUDA_VARIANT_SHAPES = [(1, 127, 1), (1, 1, 4097), (7, 127, 4097), (33, 128, 1000), (5, 3, 130), (130, 64, 65),
+                       (3, 200, 300), (256, 128, 65537)]
+
+
+def ambiguous_ranks(q, k, queue, temperature, delta=0.1):
+    """Rows whose positive logit lies within delta of the largest (acc1) or the 5th largest (acc5) negative:
+    ranks that TF32 or 16-bit rounding may flip."""
+    q, k, queue = q.double(), k.double(), queue.double()
+    pos, neg = (q * k).sum(1) / temperature, q @ queue.T / temperature
+    top = neg.topk(min(5, neg.shape[1]), dim=1).values
+    near5 = (top[:, 4] - pos).abs() < delta if top.shape[1] == 5 else torch.zeros_like(pos, dtype=torch.bool)
+    return int(((top[:, 0] - pos).abs() < delta).sum()), int(near5.sum())
+
+
+@pytest.mark.parametrize("precision", ["highest", "high"])
+@pytest.mark.parametrize("dtype, queue_dtype, floor", [p for p in DTYPES if p.id != "f64"])
+@pytest.mark.parametrize("variant", CUDA_VARIANTS)
+@pytest.mark.parametrize("device, backend", [p for p in fast_backends("infonce") if p.values[1] == "cuda"])
+def test_infonce_cuda_variant(device, backend, variant, dtype, queue_dtype, floor, precision, monkeypatch):
+    """Each variant, forced, against the float64 reference: loss and gradient within twice PyTorch's own error
+    under the same matmul precision, ranks up to those rounding may flip, NaN-poisoned outputs, bitwise
+    repeatable."""
+    monkeypatch.setenv("MOCO_FAST_CUDA_INFONCE", variant)
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        for N, C, K in CUDA_VARIANT_SHAPES:
+            q, k, queue = make_inputs(N, C, K, dtype, queue_dtype, device)
+            exact_loss, exact_grad, exact_stats = run(q.double(), k.double(), queue.double(), "reference")
+            native_loss, native_grad, _ = run(q, k, queue, "reference")
+            poison_allocator(device)
+            loss, grad, stats = run(q, k, queue, backend)
+            assert_within_torch_error(loss, exact_loss, native_loss, floor, f"loss {variant} {N, C, K}")
+            assert_within_torch_error(grad, exact_grad, native_grad, floor, f"grad {variant} {N, C, K}")
+            for name, flips in zip(("acc1", "acc5"), ambiguous_ranks(q, k, queue, T)):
+                assert abs(stats[name].item() - exact_stats[name].item()) * N <= flips + 1e-6, (name, (N, C, K))
+            again = run(q, k, queue, backend)
+            assert torch.equal(loss, again[0]) and torch.equal(grad, again[1]), (variant, (N, C, K))
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
+@pytest.mark.parametrize("device, backend", [p for p in fast_backends("infonce") if p.values[1] == "cuda"])
+def test_infonce_cuda_variant_names(device, backend, monkeypatch):
+    """An unknown variant is an error naming the switch, never a fallback."""
+    q, k, queue = make_inputs(2, 8, 5, F32, F32, device)
+    monkeypatch.setenv("MOCO_FAST_CUDA_INFONCE", "v3")
+    with pytest.raises(RuntimeError, match=r"unknown CUDA variant 'v3' \(MOCO_FAST_CUDA_INFONCE\)"):
+        torch.ops.moco_fast.infonce_fwd(q, k, queue, 1 / T, False)
+
+
+@pytest.mark.parametrize("device, backend", [p for p in fast_backends("infonce") if p.values[1] == "cuda"])
+def test_infonce_cuda_v2_opcheck_and_compile(device, backend, monkeypatch, matmul_precision_high):
+    """v2 behind the same custom op (TF32, so that v2 and not v1's FMA engine serves): opcheck, and a
+    fullgraph compile equal to eager."""
+    monkeypatch.setenv("MOCO_FAST_CUDA_INFONCE", "v2")
+    q, k, queue = make_inputs(6, 32, 100, F32, F32, device)
+    torch.library.opcheck(_custom.infonce_op, (q.clone().requires_grad_(True), k, queue, T, backend, True))
+    compiled = torch.compile(lambda q: ops.infonce(q, k, queue, T, backend=backend), fullgraph=True)
+    qc = q.clone().requires_grad_(True)
+    loss = compiled(qc)
+    loss.backward()
+    eager_loss, eager_grad, _ = run(q, k, queue, backend)
+    assert torch.equal(loss, eager_loss) and torch.equal(qc.grad, eager_grad)

@@ -33,20 +33,24 @@ def fast_backends(op: str, device: str) -> list[str]:
     return [b for b in names if unusable_reason(op, b, device) is None]
 
 
-# Triton kernel variants timed side by side as providers "triton[<variant>]" (kernels/infonce.py,
-# kernels/momentum_update.py): the environment switch each one sets while it runs
-VARIANT_ENV = {"infonce": "MOCO_FAST_TRITON_INFONCE", "momentum_update": "MOCO_FAST_TRITON_EMA"}
-VARIANTS = {"infonce": ("v1", "hopper"), "momentum_update": ("v1", "v2")}
+# Kernel variants timed side by side as providers "<backend>[<variant>]" (kernels/infonce.py,
+# kernels/momentum_update.py, csrc/cuda/infonce.cu): the environment switch each one sets while it runs
+VARIANT_ENV = {("triton", "infonce"): "MOCO_FAST_TRITON_INFONCE", ("triton", "momentum_update"): "MOCO_FAST_TRITON_EMA",
+               ("cuda", "infonce"): "MOCO_FAST_CUDA_INFONCE"}
+VARIANTS = {("triton", "infonce"): ("v1", "hopper"), ("triton", "momentum_update"): ("v1", "v2"),
+            ("cuda", "infonce"): ("v1", "v2")}
 
 
 @contextlib.contextmanager
 def triton_variant(op: str, provider: str):
-    """Sets the op's variant switch for provider "triton[<variant>]"; any other provider runs as it is."""
-    if not (provider.startswith("triton[") and provider.endswith("]")):
+    """Sets the op's variant switch for provider "<backend>[<variant>]"; any other provider runs as it is."""
+    backend = _backend(provider)
+    if (backend, op) not in VARIANT_ENV or not provider.endswith("]"):
         yield
         return
-    name, before = VARIANT_ENV[op], os.environ.get(VARIANT_ENV[op])
-    os.environ[name] = provider[len("triton["):-1]
+    name = VARIANT_ENV[backend, op]
+    before = os.environ.get(name)
+    os.environ[name] = provider[len(backend) + 1:-1]
     try:
         yield
     finally:
@@ -62,8 +66,8 @@ def _backend(provider: str) -> str:
 
 def _providers(op: str, device: str, variants: bool) -> list[str]:
     names = fast_backends(op, device)
-    if variants and "triton" in names:
-        names = [n for n in names if n != "triton"] + [f"triton[{v}]" for v in VARIANTS[op]]
+    if variants:
+        names = [m for n in names for m in ([f"{n}[{v}]" for v in VARIANTS[n, op]] if (n, op) in VARIANTS else [n])]
     return names
 
 

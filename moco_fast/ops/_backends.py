@@ -24,8 +24,9 @@ log = logging.getLogger("moco_fast")
 BACKENDS = ("reference", "cpu", "cuda", "triton")
 BUILD_HINT = ("build it from the checkout with `python setup.py build_ext --inplace` "
               "or `pip install --no-build-isolation -e .`")
-# the Triton kernels' variant switches (kernels/infonce.py, kernels/momentum_update.py)
-TRITON_VARIANT_ENVS = ("MOCO_FAST_TRITON_INFONCE", "MOCO_FAST_TRITON_INFONCE_CONFIG", "MOCO_FAST_TRITON_EMA")
+# the kernels' variant switches (kernels/infonce.py, kernels/momentum_update.py, csrc/cuda/infonce.cu)
+KERNEL_VARIANT_ENVS = ("MOCO_FAST_TRITON_INFONCE", "MOCO_FAST_TRITON_INFONCE_CONFIG", "MOCO_FAST_TRITON_EMA",
+                       "MOCO_FAST_CUDA_INFONCE")
 
 
 # ------------------------------------------------------------------------------------- importing
@@ -144,10 +145,10 @@ def available_backends() -> dict[str, list[str]]:
 _RESOLVED: dict[tuple, str] = {}
 
 
-def triton_variant_env() -> tuple[str, ...]:
-    """Part of the resolution and self-check keys: a process that switches a Triton variant (a benchmark
+def kernel_variant_env() -> tuple[str, ...]:
+    """Part of the resolution and self-check keys: a process that switches a kernel variant (a benchmark
     timing old and new side by side) self-checks the new one too."""
-    return tuple(os.environ.get(name, "") for name in TRITON_VARIANT_ENVS)
+    return tuple(os.environ.get(name, "") for name in KERNEL_VARIANT_ENVS)
 
 
 @torch.compiler.assume_constant_result  # run eagerly while tracing; the answer is a constant
@@ -156,7 +157,7 @@ def resolve(op: str, backend: str, device, variant: tuple | None = None) -> str:
     with the reason when the one asked for cannot run. With `variant` (the dtypes the call uses, and for
     infonce "tf32" or "ieee"; see _self_check) a fast backend must also pass its run-time self-check on
     that device for that variant first."""
-    key = (op, backend, device, variant, triton_variant_env())
+    key = (op, backend, device, variant, kernel_variant_env())
     if key not in _RESOLVED:
         names = None if variant is None else tuple(str(v).removeprefix("torch.") for v in variant)
         _RESOLVED[key] = _resolve(op, backend, str(device), names)

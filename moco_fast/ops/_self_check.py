@@ -50,8 +50,8 @@ _RESULTS: dict[tuple, Result] = {}
 
 def run(op: str, backend: str, device: str, variant: tuple[str, ...]) -> Result:
     """The (cached) self-check of one key; variant names the dtypes (and TF32) the call will use."""
-    from moco_fast.ops._backends import triton_variant_env
-    key = (op, backend, device, variant, triton_variant_env())
+    from moco_fast.ops._backends import kernel_variant_env
+    key = (op, backend, device, variant, kernel_variant_env())
     if key not in _RESULTS:
         _RESULTS[key] = _run(op, backend, device, variant)
     return _RESULTS[key]
