@@ -18,7 +18,7 @@ import torch.nn.functional as F
 import torchvision
 
 from moco_fast import ops
-from moco_fast.gpu_augment import sample_params
+from moco_fast.data.batch_augment import sample_params
 from moco_fast.benchmark import copy_bandwidth_gbps, host_seconds, matmul_tflops, peak_extra_mib, time_op
 from moco_fast.ops import _custom
 from moco_fast.ops._backends import unusable_reason
