@@ -104,7 +104,7 @@ def bench_gpu_small(sz: Sizes, device: torch.device, dtype: torch.dtype) -> dict
     images = torch.randint(0, 256, (sz.small_n, 3, 32, 32), dtype=torch.uint8)
     augment = BatchAugment("small", 32, D.CIFAR10_MEAN, D.CIFAR10_STD, dtype, channels_last=True)
     loader = InMemoryLoader(images, torch.zeros(sz.small_n, dtype=torch.int64), _sampler(sz.small_n, sz.small_batch),
-                            augment, device, 0)
+                            augment, device)
     seconds = _time_batches(loader, sz.small_batches, 2, device)
     return {"pipeline": "gpu path in-memory (small)", "img_per_s": sz.small_batch * sz.small_batches / seconds,
             "workers": 0}

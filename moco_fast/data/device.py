@@ -6,12 +6,12 @@ device (decode.decode_batch: nvjpeg through torchvision.io.decode_jpeg) and augm
 (batch_augment.BatchAugment). Small images (CIFAR, STL-10, (Fashion-)MNIST): the whole set lives on the
 device as uint8 (N, 3, H, W) and batches are index tensors, no workers.
 
-    loader = device_loader(dataset, sampler, workers, device, BatchAugment(recipe, size, mean, std), seed)
+    loader = device_loader(dataset, sampler, workers, device, BatchAugment(recipe, size, mean, std))
     for (im_q, im_k), targets, skipped_paths in loader: ...   # what the training loop consumes
     loader.cpu_decodes                                           # images nvjpeg could not take
 
-Each batch's augmentation is drawn from sampling.batch_generator(seed, epoch, rank, batch index in the
-epoch), so a run resumed mid-epoch sees the same augmentations as an uninterrupted one.
+Each batch's augmentation is drawn from sampling.batch_generator(the sampler's seed, epoch, rank, batch
+index in the epoch), so a run resumed mid-epoch sees the same augmentations as an uninterrupted one.
 """
 from __future__ import annotations
 
@@ -51,10 +51,10 @@ def _collate_bytes(items):
 
 class _Loader:
     """What both loaders share: the sampler's order, the augmentation, the decode counts, and one
-    generator per batch seeded by its position (sampling.batch_generator)."""
+    generator per batch seeded by its position and the sampler's seed (sampling.batch_generator)."""
 
-    def __init__(self, sampler: EpochSampler, augment: BatchAugment, device: torch.device, seed: int):
-        self.sampler, self.augment, self.device, self.seed = sampler, augment, device, seed
+    def __init__(self, sampler: EpochSampler, augment: BatchAugment, device: torch.device):
+        self.sampler, self.augment, self.device = sampler, augment, device
         self.stats = DecodeStats()
 
     @property
@@ -67,7 +67,7 @@ class _Loader:
     def _generators(self):
         first, s = self.sampler.skip_batches, self.sampler  # batches a resumed epoch skips
         for b in range(first, first + len(self)):
-            yield batch_generator(self.seed, s.epoch, s.rank, b)
+            yield batch_generator(s.seed, s.epoch, s.rank, b)
 
 
 def _ahead_on_side_stream(batches, device: torch.device):
@@ -98,12 +98,12 @@ class FolderLoader(_Loader):
     """Image folders: workers read bytes, the device decodes and augments (see the module docstring)."""
 
     def __init__(self, files: list[tuple[str, int]], sampler: EpochSampler, workers: int, augment: BatchAugment,
-                 device: torch.device, seed: int):
-        super().__init__(sampler, augment, device, seed)
+                 device: torch.device):
+        super().__init__(sampler, augment, device)
         self.loader = torch.utils.data.DataLoader(
             _FileBytes(files), batch_size=sampler.batch_size, sampler=sampler, num_workers=workers,
             collate_fn=_collate_bytes, pin_memory=device.type == "cuda", drop_last=True,
-            persistent_workers=workers > 0, generator=torch.Generator().manual_seed(seed))
+            persistent_workers=workers > 0, generator=torch.Generator().manual_seed(sampler.seed))
 
     def __iter__(self):
         return _ahead_on_side_stream(self._batches(), self.device)
@@ -122,8 +122,8 @@ class InMemoryLoader(_Loader):
     """Small images held whole on the device; a batch is a list of indices into them."""
 
     def __init__(self, images: torch.Tensor, targets: torch.Tensor, sampler: EpochSampler, augment: BatchAugment,
-                 device: torch.device, seed: int):
-        super().__init__(sampler, augment, device, seed)
+                 device: torch.device):
+        super().__init__(sampler, augment, device)
         self.images, self.targets = images.to(device).contiguous(), targets
         n, _, h, w = images.shape
         self.heights, self.widths = torch.full((n,), h), torch.full((n,), w)
@@ -145,16 +145,15 @@ class InMemoryLoader(_Loader):
             yield self.augment.two_views(packed, next(gens)), self.targets[idx], []
 
 
-def device_loader(dataset: MocoDataset, sampler: EpochSampler, workers: int, device, augment: BatchAugment,
-                  seed: int = 0):
+def device_loader(dataset: MocoDataset, sampler: EpochSampler, workers: int, device, augment: BatchAugment):
     """An iterable of ((im_q, im_k), targets, skipped_paths) batches with __len__ and .cpu_decodes.
 
     dataset: datasets.build_dataset(..., "train", transform=None); an image folder is read by `workers`
     processes and decoded on `device`, an in-memory set is copied to `device` whole. sampler: its
-    batch_size is the per-process batch. im_q, im_k: (B, 3, S, S) on `device` as `augment` makes them.
+    batch_size is the per-process batch, its seed seeds the augmentation too. im_q, im_k: (B, 3, S, S) on `device` as `augment` makes them.
     """
     device = torch.device(device)
     if dataset.files is not None:
-        return FolderLoader(dataset.files, sampler, workers, augment, device, seed)
+        return FolderLoader(dataset.files, sampler, workers, augment, device)
     images, targets = in_memory_images(dataset)
-    return InMemoryLoader(images, targets, sampler, augment, device, seed)
+    return InMemoryLoader(images, targets, sampler, augment, device)

@@ -109,7 +109,7 @@ def train_loader(cfg, source: Source, info, seed: int, out_dtype: torch.dtype = 
         backend = "auto" if cfg.backend == "cuda" else cfg.backend  # no CUDA C++ augment kernel
         augment = BatchAugment(recipe, spec["image_size"], spec["mean"], spec["std"], out_dtype, cfg.channels_last,
                                backend, cfg.crop_scale)
-        return device_loader(dataset, sampler, cfg.workers, info.device, augment, seed), sampler
+        return device_loader(dataset, sampler, cfg.workers, info.device, augment), sampler
     # its own generator: the base-seed draw must not shift the model's RNG
     loader = _data_loader(SeededSamples(dataset, seed), sampler, cfg.workers, drop_last=True,
                           pin_memory=info.device.type == "cuda", generator=torch.Generator().manual_seed(seed))
