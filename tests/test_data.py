@@ -372,3 +372,16 @@ def test_missing_demo_dataset(monkeypatch):
         D.build_dataset(None, "train", None)
     with pytest.raises(D.DataError, match="apt-get install dataset-fashion-mnist"):
         D.has_split(None, "val")
+
+
+def test_both_pipelines_read_the_one_recipe_table(monkeypatch):
+    """A change to recipes.RECIPES reaches the PIL transforms and the device pipeline's draws alike."""
+    from moco_fast.data import batch_augment
+    changed = D.RECIPES["v2"]._replace(scale=(0.5, 1.0), p_gray=0.9, jitter=(0.4, 0.4, 0.4, 0.3))
+    monkeypatch.setitem(D.RECIPES, "v2", changed)
+    t = D.moco_augmentation(aug_plus=True, image_size=32).transforms
+    assert t[0].scale == (0.5, 1.0) and t[2].p == 0.9 and t[1].transforms[0].hue == pytest.approx((-0.3, 0.3))
+    sizes = torch.full((4000,), 40)
+    p = batch_augment.sample_params("v2", sizes, sizes, torch.Generator().manual_seed(0))
+    assert p.gray.float().mean() > 0.85 and p.factors[:, 3].abs().max() > 0.25
+    assert (p.boxes[:, 2] * p.boxes[:, 3]).min() >= 0.45 * 40 * 40
