@@ -152,3 +152,30 @@ def test_distributed_loader(tmp_path):
         assert sorted(first) == list(range(10)) and order(loader) != first
     finally:
         dist.destroy_process_group()
+
+
+class RandomCrops(Dataset):
+    """Items drawn from torch's, Python's and numpy's generators, as a random transform would."""
+
+    def __len__(self):
+        return 12
+
+    def __getitem__(self, i):
+        import random
+        import numpy as np
+        return torch.tensor([torch.rand(()).item(), random.random(), np.random.rand()]), i, ()
+
+
+def test_shuffled_loader_draws_the_same_with_any_workers_and_after_a_resume():
+    """What linear classification's augmented loader relies on: draws seeded by (seed, epoch, index)."""
+    def batches(workers, skip=0):
+        loader = D.make_loader(RandomCrops(), batch_size=4, workers=workers, shuffle=True, drop_last=False, seed=7)
+        loader.sampler.set_epoch(2, skip_batches=skip)
+        return [(x, t) for x, t, _ in loader]
+    alone, workers, resumed = batches(0), batches(2), batches(0, skip=1)
+    assert len(alone) == 3 and len(resumed) == 2
+    for (a, ta), (b, tb) in zip(alone, workers):
+        assert torch.equal(a, b) and torch.equal(ta, tb)
+    for (a, ta), (b, tb) in zip(alone[1:], resumed):
+        assert torch.equal(a, b) and torch.equal(ta, tb)
+    assert len({tuple(row.tolist()) for x, _ in alone for row in x}) == 12  # each sample its own draws
