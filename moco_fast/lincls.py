@@ -12,13 +12,11 @@ The config (LinclsConfig, its flags and presets) lives in moco_fast.config, with
 from __future__ import annotations
 
 import copy
-import itertools
 import os
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torchvision import transforms
 
 from moco_fast import checkpoint, data
 from moco_fast.config import LinclsConfig, learning_rate
@@ -41,10 +39,6 @@ def baseline_backbone(cfg: LinclsConfig) -> tuple[nn.Module, int]:
     return encoder, dim
 
 
-def train_transform(spec: dict) -> transforms.Compose:
-    size, normalize = spec["image_size"], transforms.Normalize(spec["mean"], spec["std"])
-    crop = transforms.RandomResizedCrop(size) if not spec["small"] else transforms.RandomCrop(size, padding=4)
-    return transforms.Compose([crop, transforms.RandomHorizontalFlip(), transforms.ToTensor(), normalize])
 
 
 LINCLS_KEYS = ("fc", "optimizer", "epoch", "rng", "config")
@@ -61,41 +55,12 @@ def _position(ck: dict) -> tuple[int, int]:
     return ck["epoch"], ck.get("step_in_epoch", 0)
 
 
-class SkipBatches(torch.utils.data.Sampler):
-    """A sampler without the first `skip_batches` batches of its epoch: a resumed epoch starts where it
-    stopped, and the images skipped are never loaded nor augmented (their random draws are not repeated)."""
-
-    def __init__(self, inner, batch_size: int):
-        self.inner, self.batch_size, self.skip_batches = inner, batch_size, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        if hasattr(self.inner, "set_epoch"):
-            self.inner.set_epoch(epoch)
-
-    def __iter__(self):
-        return itertools.islice(iter(self.inner), self.skip_batches * self.batch_size, None)
-
-    def __len__(self):
-        return max(0, len(self.inner) - self.skip_batches * self.batch_size)
-
-
-def resumable(loader: torch.utils.data.DataLoader) -> torch.utils.data.DataLoader:
-    """The same loader over a SkipBatches of its sampler."""
-    return torch.utils.data.DataLoader(
-        loader.dataset, batch_size=loader.batch_size, sampler=SkipBatches(loader.sampler, loader.batch_size),
-        num_workers=loader.num_workers, collate_fn=loader.collate_fn, pin_memory=loader.pin_memory,
-        drop_last=loader.drop_last, persistent_workers=loader.persistent_workers,
-        worker_init_fn=loader.worker_init_fn)
-
-
 def _start_epoch(loader, epoch: int, skip_batches: int) -> None:
-    sampler = getattr(loader, "sampler", loader)  # TensorBatches is its own sampler
-    if hasattr(sampler, "set_epoch"):
-        sampler.set_epoch(epoch)  # a new order each epoch, a function of (seed, epoch): resumable
-    if hasattr(sampler, "skip_batches"):
-        sampler.skip_batches = skip_batches
+    sampler = getattr(loader, "sampler", None)
+    if isinstance(sampler, data.EpochSampler):  # a new order each epoch, a function of (seed, epoch): resumable
+        sampler.set_epoch(epoch, skip_batches)
     elif skip_batches:
-        raise ValueError("this training loader cannot start an epoch mid-way (wrap it with resumable())")
+        raise ValueError("this training loader cannot start an epoch mid-way (build it with moco_fast.data)")
 
 
 def train_linear(cfg, backbone, feature_dim: int, train_loader, val_loader, num_classes: int, device,
@@ -214,41 +179,14 @@ def _stop_mid_epoch(save, log, stop, epoch, done, step, best, saved=False) -> No
     raise Stopped(stop.agreed, message)
 
 
-class TensorBatches:
-    """Mini-batches sliced straight out of feature tensors (no per-sample indexing or collation), in a
-    new random order each pass when shuffled."""
-
-    def __init__(self, features, labels, batch_size: int, shuffle: bool, seed: int = 0, rank: int = 0,
-                 world_size: int = 1):
-        self.features, self.labels, self.batch_size, self.shuffle = features, labels, batch_size, shuffle
-        self.seed, self.epoch, self.rank, self.world_size = seed, 0, rank, world_size
-        self.skip_batches = 0  # a resumed epoch starts past the batches done before the stop
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self):
-        n = len(self.labels) // self.world_size
-        return (n + self.batch_size - 1) // self.batch_size
-
-    def __iter__(self):
-        n = len(self.labels)
-        generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        order = torch.randperm(n, generator=generator) if self.shuffle else torch.arange(n)
-        order = order[self.rank:n - n % self.world_size:self.world_size]  # this process's equal shard
-        for start in range(self.skip_batches * self.batch_size, len(order), self.batch_size):
-            idx = order[start:start + self.batch_size].to(self.features.device)
-            yield self.features[idx], self.labels[idx]
-
-
 def cached_loaders(backbone, train_loader_eval, val_loader, device, batch_size: int, rank: int = 0,
-                   world_size: int = 1):
+                   world_size: int = 1, seed: int = 0):
     """Features of the center crops, extracted once: the head then trains in seconds."""
     with torch.no_grad():
         train = extract_features(backbone, train_loader_eval, device, normalize=False)
         val = extract_features(backbone, val_loader, device, normalize=False)
-    return (TensorBatches(*train, batch_size, shuffle=True, rank=rank, world_size=world_size),
-            TensorBatches(*val, batch_size, shuffle=False))
+    return (data.TensorBatches(*train, batch_size, shuffle=True, seed=seed, rank=rank, world_size=world_size),
+            data.TensorBatches(*val, batch_size, shuffle=False))
 
 
 def frozen(backbone: nn.Module) -> tuple[nn.Module, dict]:
@@ -261,27 +199,18 @@ def frozen(backbone: nn.Module) -> tuple[nn.Module, dict]:
 def run_lincls(cfg, backbone, feature_dim: int, device, rank: int = 0, world_size: int = 1) -> dict:
     """Linear evaluation as cfg says; returns {"last": {...}, "best": {...}} accuracies. Each of
     world_size processes trains on its shard of the data (batch_size is global)."""
-    spec = data.image_spec(cfg.data, cfg.dataset, cfg.image_size)
-    if not data.has_split(cfg.data, "val", cfg.dataset):
-        raise data.DataError(f"{cfg.data} has no labelled validation split to evaluate on")
-    backbone, reference = frozen(backbone.to(device))
-    resume = find_resume(cfg, print if rank == 0 else lambda *_: None)
     per_rank = cfg.batch_size // world_size
-    evaluation = data.eval_transform(**spec)
-    val = data.build_dataset(cfg.data, "val", evaluation, cfg.dataset)
-    num_classes = len(val.classes)
-    make = lambda ds, shuffle: data.make_loader(ds, per_rank, cfg.workers, shuffle, drop_last=False,  # noqa: E731
-                                                distributed=shuffle and world_size > 1)
-    if cfg.evaluate:
-        return evaluate_only(backbone, feature_dim, make(val, False), num_classes, device, resume,
-                             print if rank == 0 else lambda *_: None)
+    train_loader, val_loader, num_classes = data.linear_loaders(
+        data.locate(cfg.data, cfg.dataset), per_rank, cfg.workers, cfg.seed, augmented=not cfg.cached_features,
+        distributed=world_size > 1, image_size=cfg.image_size)
+    backbone, reference = frozen(backbone.to(device))
+    say = print if rank == 0 else lambda *_: None
+    resume = find_resume(cfg, say)
+    if cfg.evaluate:  # the official -e: the head of --resume on the validation images, nothing trained
+        return evaluate_only(backbone, feature_dim, val_loader, num_classes, device, resume, say)
     if cfg.cached_features:
-        bank = data.build_dataset(cfg.data, "train", evaluation, cfg.dataset, labelled=True)
-        train_loader, val_loader = cached_loaders(backbone, make(bank, False), make(val, False), device,
-                                                  per_rank, rank, world_size)
-    else:
-        train = data.build_dataset(cfg.data, "train", train_transform(spec), cfg.dataset, labelled=True)
-        train_loader, val_loader = resumable(make(train, True)), make(val, False)
+        train_loader, val_loader = cached_loaders(backbone, train_loader, val_loader, device, per_rank, rank,
+                                                  world_size, cfg.seed)
     epoch, done = _position(resume[1]) if resume[1] is not None else (0, 0)
     resume_step = epoch * len(train_loader) + done if resume[1] is not None else None
     log = RunLog(cfg.output_dir, rank == 0, resume_step=resume_step)

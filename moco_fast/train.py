@@ -18,115 +18,17 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from moco_fast import checkpoint, data, gpu_data
-from moco_fast.config import Config, check_data_fits, ema_momentum, learning_rate, validate
+from moco_fast import checkpoint, data
+from moco_fast.config import Config, ema_momentum, learning_rate, validate
+from moco_fast.data import EpochSampler, decode_counts
 from moco_fast.distributed import DistInfo, agree_on_int, cleanup_distributed, setup_distributed
 from moco_fast.encoders import get_encoder
 from moco_fast.evaluate import knn_monitor
-from moco_fast.gpu_augment import recipe_name
 from moco_fast.model import MoCo
 from moco_fast.monitor import Meter, RunLog, plot_run
 from moco_fast.preemption import Stopped, StopRequest
 from moco_fast.step import (DDP_WARMUP, TrainStep, check_capturable, fast_cuda_settings, optimizer_state,
                             set_learning_rate)
-
-
-# ------------------------------------------------------------------------------------------ data
-class EpochSampler(torch.utils.data.Sampler):
-    """DistributedSampler's order for (seed, epoch), yielding (epoch, index) keys so that each sample's
-    augmentation can be seeded by its key; `skip` drops the first batches of a resumed epoch."""
-
-    def __init__(self, dataset, info: DistInfo, seed: int, batch_size: int):
-        self.inner = torch.utils.data.DistributedSampler(dataset, num_replicas=info.world_size, rank=info.rank,
-                                                         shuffle=True, seed=seed, drop_last=True)
-        self.batch_size, self.epoch, self.skip = batch_size, 0, 0
-
-    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
-        self.inner.set_epoch(epoch)
-        self.epoch, self.skip = epoch, skip_batches * self.batch_size
-
-    def __iter__(self):
-        for i, index in enumerate(self.inner):
-            if i >= self.skip:
-                yield self.epoch, index
-
-    def __len__(self):
-        return len(self.inner) - self.skip
-
-
-class SeededSamples(torch.utils.data.Dataset):
-    """Each sample's random augmentation is a function of (seed, epoch, index) alone: the same in any
-    worker, with any number of workers, and after a resume."""
-
-    def __init__(self, dataset, seed: int):
-        self.dataset, self.seed = dataset, seed
-
-    def __len__(self):
-        return len(self.dataset)
-
-    def __getitem__(self, key):
-        epoch, index = key
-        sample_seed = (self.seed * 1_000_003 + epoch) * 1_000_000_007 + index
-        in_main = torch.utils.data.get_worker_info() is None
-        saved = (torch.get_rng_state(), random.getstate(), np.random.get_state()) if in_main else None
-        torch.manual_seed(sample_seed)
-        random.seed(sample_seed)
-        np.random.seed(sample_seed % 2**32)
-        try:
-            return self.dataset[index]
-        finally:
-            if saved is not None:  # the main process's generators belong to the model (key shuffle)
-                torch.set_rng_state(saved[0])
-                random.setstate(saved[1])
-                np.random.set_state(saved[2])
-
-
-def image_spec(cfg: Config) -> dict:
-    """Crop size, normalisation and whether the images are small (CIFAR-like), for this data set."""
-    return data.image_spec(cfg.data, cfg.dataset, cfg.image_size)
-
-
-def uses_gpu_aug(cfg: Config, device: torch.device) -> bool:
-    """--gpu-aug, by default on when the run is on CUDA."""
-    return cfg.gpu_aug if cfg.gpu_aug is not None else device.type == "cuda"
-
-
-def build_train_loader(cfg: Config, info: DistInfo, seed: int, out_dtype: torch.dtype = torch.float32):
-    """(loader, sampler). The loader yields ((im_q, im_k), targets, skipped paths): augmented by CPU workers
-    (PIL and torchvision transforms), or with --gpu-aug decoded and augmented on the device in out_dtype."""
-    spec = image_spec(cfg)
-    gpu_aug = uses_gpu_aug(cfg, info.device)
-    transform = None if gpu_aug else data.TwoCropsTransform(data.moco_augmentation(
-        cfg.aug_plus, **spec, crop_scale=cfg.crop_scale))
-    dataset = data.build_dataset(cfg.data, "train", transform, cfg.dataset, cfg.max_bad_images)
-    check_data_fits(cfg, len(dataset), info.world_size)
-    per_rank = cfg.batch_size // info.world_size
-    sampler = EpochSampler(dataset, info, seed, per_rank)
-    if gpu_aug:
-        backend = "auto" if cfg.backend == "cuda" else cfg.backend  # no CUDA C++ augment kernel
-        loader = gpu_data.make_gpu_train_loader(
-            dataset, sampler, cfg.workers, info.device, recipe_name(cfg.aug_plus, spec["small"]), spec["image_size"],
-            spec["mean"], spec["std"], out_dtype, cfg.channels_last, seed, info.rank, backend, cfg.crop_scale)
-        return loader, sampler
-    loader = torch.utils.data.DataLoader(
-        SeededSamples(dataset, seed), batch_size=per_rank, sampler=sampler, num_workers=cfg.workers,
-        pin_memory=info.device.type == "cuda", drop_last=True, persistent_workers=cfg.workers > 0,
-        collate_fn=data.collate_with_skipped,
-        generator=torch.Generator().manual_seed(seed))  # its seed draws must not shift the model's RNG
-    return loader, sampler
-
-
-def build_knn_loaders(cfg: Config, batch_size: int = 512):
-    """(bank loader, test loader, number of classes), or None when the data set has no labelled held-out split."""
-    if not data.has_split(cfg.data, "val", cfg.dataset):
-        return None
-    transform = data.eval_transform(**image_spec(cfg))
-    bank = data.build_dataset(cfg.data, "train", transform, cfg.dataset, cfg.max_bad_images, labelled=True)
-    test = data.build_dataset(cfg.data, "val", transform, cfg.dataset, cfg.max_bad_images)
-    if not bank.classes:
-        return None
-    make = lambda ds: data.make_loader(ds, batch_size, cfg.workers, shuffle=False, drop_last=False)  # noqa: E731
-    return make(bank), make(test), len(bank.classes)
 
 
 # ----------------------------------------------------------------------------------------- model
@@ -146,9 +48,6 @@ def make_optimizer(cfg: Config, model: MoCo, device: torch.device) -> torch.opti
                            weight_decay=cfg.weight_decay, foreach=not fused, fused=fused or None)
 
 
-def decode_counts(loader) -> dict:
-    """The GPU data path's count of images decoded on the CPU (PNG, CMYK, ...), for the log."""
-    return {"cpu_decodes": loader.cpu_decodes} if hasattr(loader, "cpu_decodes") else {}
 
 
 def run(cfg: Config) -> dict:
@@ -194,8 +93,10 @@ def _run(cfg: Config, info: DistInfo, stop: StopRequest) -> dict:
     torch.manual_seed(seed)
     use_bf16 = cfg.amp == "bf16" or (cfg.amp == "auto" and device.type == "cuda")
     # bad data paths fail here, before any work
-    loader, sampler = build_train_loader(cfg, info, seed, torch.bfloat16 if use_bf16 else torch.float32)
-    knn = build_knn_loaders(cfg) if cfg.knn_every and info.is_main else None
+    source = data.locate(cfg.data, cfg.dataset)  # the one search of the disk for this run
+    loader, sampler = data.train_loader(cfg, source, info, seed, torch.bfloat16 if use_bf16 else torch.float32)
+    knn = (data.eval_loaders(source, 512, cfg.workers, cfg.max_bad_images, cfg.image_size, required=False)
+           if cfg.knn_every and info.is_main else None)
     if device.type == "cuda":
         fast_cuda_settings()
     model = build_model(cfg, device)
@@ -217,7 +118,7 @@ def _run(cfg: Config, info: DistInfo, stop: StopRequest) -> dict:
     parts = _Parts(model, opt, loader, sampler, train_step, log, data.SkipCounter(cfg.max_bad_images), knn)
     baseline = {}
     if knn is not None and pos["global_step"] == 0:
-        baseline = knn_monitor(cfg, model, knn, device, log, 0, baselines=image_spec(cfg)["small"])
+        baseline = knn_monitor(cfg, model, knn, device, log, 0, baselines=source.info.small)
     pos, last = _train(cfg, info, parts, pos, stop)
     if stop.agreed:
         _stopped(cfg, info, log, stop, pos)
@@ -234,7 +135,7 @@ def _run(cfg: Config, info: DistInfo, stop: StopRequest) -> dict:
 
 def _train(cfg: Config, info: DistInfo, p: _Parts, pos: dict, stop: StopRequest) -> tuple[dict, dict]:
     """Epochs until --epochs, --max-steps or a stop request; returns (position, last metrics)."""
-    steps_per_epoch = len(p.sampler.inner) // p.sampler.batch_size
+    steps_per_epoch = p.sampler.full_batches
     total = cfg.epochs * steps_per_epoch
     max_steps = total if cfg.max_steps is None else min(total, cfg.max_steps)
     last, meter, last_save = {}, Meter(), time.monotonic()

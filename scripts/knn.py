@@ -49,31 +49,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def evaluate(args) -> dict:
-    kind = data.detect_dataset(args.data, args.dataset)
-    where = args.data or "the demo data"
-    if not data.has_split(args.data, "val", args.dataset):
-        raise data.DataError(f"{where} has no labelled held-out split to classify: kNN needs DATA/train/<class>/* "
-                             "and DATA/val/<class>/* (or a torchvision data set, whose test split is used)")
-    spec = data.image_spec(args.data, args.dataset, args.image_size)
-    transform = data.eval_transform(**spec)
-    bank = data.build_dataset(args.data, "train", transform, args.dataset, args.max_bad_images, labelled=True)
-    test = data.build_dataset(args.data, "val", transform, args.dataset, args.max_bad_images)
-    if not bank.classes:
-        raise data.DataError(f"the train split of {where} has no class labels")
+    source = data.locate(args.data, args.dataset)
+    bank_loader, test_loader, classes = data.eval_loaders(source, args.batch_size, args.workers, args.max_bad_images,
+                                                          image_size=args.image_size)
+    spec = source.spec(args.image_size)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     encoder, info = None, {"arch": None, "feature_dim": None, "source": None}
     if not args.pixels:
         default_arch = PRESETS[args.preset].get("arch") if args.preset else None
         encoder, info = load_backbone(args.pretrained, args.arch, default_arch=default_arch)
         encoder = encoder.to(device)
-    bank_loader, test_loader = (data.make_loader(ds, args.batch_size, args.workers, shuffle=False, drop_last=False)
-                                for ds in (bank, test))
-    result = knn_eval(encoder, bank_loader, test_loader, len(bank.classes), device, args.knn_k, args.knn_t,
-                      pixels=args.pixels)
+    result = knn_eval(encoder, bank_loader, test_loader, classes, device, args.knn_k, args.knn_t, pixels=args.pixels)
     return {**result, "features": "pixels" if args.pixels else "backbone", "checkpoint": args.pretrained,
             "arch": info["arch"], "feature_dim": info["feature_dim"], "source": info["source"],
-            "data": args.data, "dataset": kind, "image_size": spec["image_size"], "small": spec["small"],
-            "bank_size": len(bank), "test_size": len(test), "classes": len(bank.classes),
+            "data": args.data, "dataset": source.kind, "image_size": spec["image_size"], "small": spec["small"],
+            "bank_size": len(bank_loader.dataset), "test_size": len(test_loader.dataset), "classes": classes,
             "knn_k": args.knn_k, "knn_t": args.knn_t}
 
 

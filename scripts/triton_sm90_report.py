@@ -8,7 +8,6 @@ scalar global loads and stores. C=128 with 16-byte aligned pointers and strides,
 It compiles only; nothing runs, so it says nothing of speed or correctness (the interpreter tests and the
 run-time self-check do that). Must run without TRITON_INTERPRET set.
 """
-import importlib.util
 import os
 import re
 import subprocess

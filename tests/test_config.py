@@ -49,7 +49,8 @@ def test_schedules():
 
 
 def test_crop_scale_reaches_both_augmentation_pipelines():
-    from moco_fast import data, gpu_augment
+    from moco_fast import data
+    from moco_fast.data import batch_augment
     cfg = parse_config(["/data", "--crop-scale", "0.5"])
     assert cfg.crop_scale == 0.5
     pil = data.moco_augmentation(False, 28, small=True, crop_scale=cfg.crop_scale)
@@ -57,10 +58,10 @@ def test_crop_scale_reaches_both_augmentation_pipelines():
     assert data.moco_augmentation(False, 28, small=True).transforms[0].scale == (0.08, 1.0)  # the official recipe
     g = torch.Generator().manual_seed(0)
     sizes = torch.full((2000,), 28)
-    boxes = gpu_augment.sample_params("small", sizes, sizes, g, crop_scale=cfg.crop_scale).boxes
+    boxes = batch_augment.sample_params("small", sizes, sizes, g, crop_scale=cfg.crop_scale).boxes
     area = (boxes[:, 2] * boxes[:, 3]).float() / 28 ** 2
     assert area.min() >= 0.5 - 0.05  # rounding of the box sides
-    assert gpu_augment.sample_params("small", sizes, sizes, g).boxes[:, 2:].prod(1).min() < 0.3 * 28 ** 2
+    assert batch_augment.sample_params("small", sizes, sizes, g).boxes[:, 2:].prod(1).min() < 0.3 * 28 ** 2
 
 
 @pytest.mark.parametrize("flags, value", [

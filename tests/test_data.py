@@ -1,4 +1,4 @@
-"""moco_fast.data: the official augmentations, datasets found from their on-disk layout, loaders.
+"""moco_fast.data: the official augmentations (the PIL pipeline), datasets found from their on-disk layout.
 
 Every dataset is written by the test into tmp_path in torchvision's own on-disk format; nothing is
 downloaded. Only test_demo_fashion_mnist reads Debian's dataset-fashion-mnist, and skips without it.
@@ -11,13 +11,13 @@ import struct
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
 from PIL import Image, ImageFilter
-from torch.utils.data import Dataset, DistributedSampler
 from torchvision import datasets, transforms as T
 from torchvision.transforms import InterpolationMode
 
 from moco_fast import data as D
+from moco_fast.data import datasets as layouts
+from moco_fast.data import pil
 
 # ------------------------------------------------------------------------------------------------
 # writers of tiny datasets
@@ -156,7 +156,7 @@ def test_eval_transform():
 def test_gaussian_blur_draws_sigma_like_the_official(monkeypatch):
     img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (20, 20, 3), dtype=np.uint8))
     drawn = []
-    monkeypatch.setattr(D.random, "uniform", lambda a, b: drawn.append((a, b)) or 1.5)
+    monkeypatch.setattr(pil.random, "uniform", lambda a, b: drawn.append((a, b)) or 1.5)
     out = D.GaussianBlur()(img)
     assert drawn == [(0.1, 2.0)]
     assert np.array_equal(np.asarray(out), np.asarray(img.filter(ImageFilter.GaussianBlur(radius=1.5))))
@@ -305,7 +305,7 @@ def test_gz_folder_is_unpacked_once_into_the_cache(tmp_path, monkeypatch):
     val = D.build_dataset(tmp_path / "gz", "val", None)
     assert len(val) == 3 and np.array_equal(np.asarray(val[1][0])[..., 0], images["t10k"][1])
     unpacked = sorted((tmp_path / "cache").glob("idx-*/FashionMNIST/raw/*"))
-    assert [p.name for p in unpacked] == sorted(D._IDX_FILES)  # no temporary files left
+    assert [p.name for p in unpacked] == sorted(D.IDX_FILES)  # no temporary files left
     stamps = [(p.stat().st_ino, p.stat().st_mtime_ns) for p in unpacked]
     assert len(D.build_dataset(tmp_path / "gz", "train", None)) == 5
     assert [(p.stat().st_ino, p.stat().st_mtime_ns) for p in unpacked] == stamps  # not rewritten
@@ -367,64 +367,21 @@ def test_wrong_dataset_kind(tmp_path):
 
 
 def test_missing_demo_dataset(monkeypatch):
-    monkeypatch.setattr(D, "find_fashion_mnist", lambda: None)
+    monkeypatch.setattr(layouts, "find_fashion_mnist", lambda: None)
     with pytest.raises(D.DataError, match=r"apt-get install dataset-fashion-mnist`, or pass a data path"):
         D.build_dataset(None, "train", None)
     with pytest.raises(D.DataError, match="apt-get install dataset-fashion-mnist"):
         D.has_split(None, "val")
 
 
-# ------------------------------------------------------------------------------------------------
-# loaders
-
-
-class Indices(Dataset):
-    def __init__(self, n):
-        self.n = n
-
-    def __len__(self):
-        return self.n
-
-    def __getitem__(self, i):
-        return torch.tensor([float(i)]), i, ()
-
-
-def order(loader):
-    return [i for _, targets, _ in loader for i in targets.tolist()]
-
-
-def test_loader_order_is_a_function_of_seed_and_epoch():
-    loader = D.make_loader(Indices(20), batch_size=6, workers=0, shuffle=True, drop_last=False, seed=3)
-    first = order(loader)
-    assert sorted(first) == list(range(20)) and first != list(range(20))
-    assert order(loader) == first  # iterating again replays the epoch: no hidden generator state
-    loader.sampler.set_epoch(1)
-    second = order(loader)
-    assert second != first and sorted(second) == list(range(20))
-    again = D.make_loader(Indices(20), batch_size=6, workers=0, shuffle=True, drop_last=False, seed=3)
-    assert order(again) == first
-    again.sampler.set_epoch(1)
-    assert order(again) == second
-    other = D.make_loader(Indices(20), batch_size=6, workers=0, shuffle=True, drop_last=False, seed=4)
-    assert order(other) != first
-
-
-def test_loader_options():
-    loader = D.make_loader(Indices(10), batch_size=4, workers=0, shuffle=False, drop_last=True)
-    assert order(loader) == list(range(8)) and len(loader) == 2
-    assert loader.pin_memory == torch.cuda.is_available() and not loader.persistent_workers
-    assert loader.collate_fn is D.collate_with_skipped
-    assert D.make_loader(Indices(10), 4, 0, False, False, pin_memory=False).pin_memory is False
-
-
-def test_distributed_loader(tmp_path):
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
-    try:
-        loader = D.make_loader(Indices(10), batch_size=4, workers=0, shuffle=True, drop_last=False, seed=2,
-                               distributed=True)
-        assert isinstance(loader.sampler, DistributedSampler) and loader.sampler.seed == 2
-        first = order(loader)
-        loader.sampler.set_epoch(1)
-        assert sorted(first) == list(range(10)) and order(loader) != first
-    finally:
-        dist.destroy_process_group()
+def test_both_pipelines_read_the_one_recipe_table(monkeypatch):
+    """A change to recipes.RECIPES reaches the PIL transforms and the device pipeline's draws alike."""
+    from moco_fast.data import batch_augment
+    changed = D.RECIPES["v2"]._replace(scale=(0.5, 1.0), p_gray=0.9, jitter=(0.4, 0.4, 0.4, 0.3))
+    monkeypatch.setitem(D.RECIPES, "v2", changed)
+    t = D.moco_augmentation(aug_plus=True, image_size=32).transforms
+    assert t[0].scale == (0.5, 1.0) and t[2].p == 0.9 and t[1].transforms[0].hue == pytest.approx((-0.3, 0.3))
+    sizes = torch.full((4000,), 40)
+    p = batch_augment.sample_params("v2", sizes, sizes, torch.Generator().manual_seed(0))
+    assert p.gray.float().mean() > 0.85 and p.factors[:, 3].abs().max() > 0.25
+    assert (p.boxes[:, 2] * p.boxes[:, 3]).min() >= 0.45 * 40 * 40

@@ -1,4 +1,4 @@
-"""moco_fast.gpu_augment / gpu_data: the device data path against torchvision's official pipeline.
+"""moco_fast.data's device pipeline (decode, batch_augment, device) against torchvision's official pipeline.
 
 Runs on CPU tensors (the CPU fallback); on a GPU the same tests run on CUDA tensors where marked.
 Distributions are compared with two-sample Kolmogorov-Smirnov tests at alpha = 0.001 and binomial
@@ -19,10 +19,9 @@ from PIL import Image
 from torchvision import transforms as T
 
 from moco_fast import data as D
-from moco_fast import gpu_augment as GA
-from moco_fast import gpu_data as GD
-from moco_fast.distributed import DistInfo
-from moco_fast.train import EpochSampler
+from moco_fast.data import batch_augment as GA
+from moco_fast.data import decode as GD
+from moco_fast.data import BatchAugment, EpochSampler, Packed, device_loader
 from test_data import trust_files, write_cifar10
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -64,7 +63,7 @@ def our_boxes(H, W, scale, n=N):
 @pytest.mark.parametrize("recipe", ["v1", "small"])
 @pytest.mark.parametrize("H,W", [(375, 500), (7, 40), (32, 32), (600, 90)], ids=str)
 def test_crop_boxes_match_torchvision(recipe, H, W):
-    scale = GA.RECIPES[recipe].scale
+    scale = D.RECIPES[recipe].scale
     ours, ref = box_stats(our_boxes(H, W, scale), H, W), box_stats(torchvision_boxes(H, W, scale), H, W)
     for name in ours:
         assert not ks_rejects(ours[name], ref[name]), name
@@ -88,10 +87,11 @@ def test_ks_detects_a_wrong_scale():
 
 @pytest.mark.parametrize("recipe", ["v1", "v2", "small"])
 def test_color_params_match_torchvision(recipe):
-    rc = GA.RECIPES[recipe]
+    rc = D.RECIPES[recipe]
     p = GA.sample_params(recipe, torch.full((N,), 64), torch.full((N,), 64), torch.Generator().manual_seed(3))
     torch.manual_seed(4)
-    ref = [T.ColorJitter.get_params([0.6, 1.4], [0.6, 1.4], [0.6, 1.4], [-rc.hue, rc.hue]) for _ in range(N)]
+    hue = rc.jitter[3]
+    ref = [T.ColorJitter.get_params([0.6, 1.4], [0.6, 1.4], [0.6, 1.4], [-hue, hue]) for _ in range(N)]
     for j in range(4):
         assert not ks_rejects(p.factors[:, j].numpy(), [r[j + 1] for r in ref]), j
     assert not ks_rejects(p.factors[:, 0].numpy(), np.random.default_rng(0).uniform(0.6, 1.4, N))
@@ -126,7 +126,7 @@ def test_params_depend_on_the_generator_only():
 def _packed(images):
     flat = [im.reshape(-1) for im in images]
     sizes = torch.tensor([f.numel() for f in flat])
-    return GA.Packed(torch.cat(flat), torch.cumsum(sizes, 0) - sizes,
+    return Packed(torch.cat(flat), torch.cumsum(sizes, 0) - sizes,
                      torch.tensor([im.shape[1] for im in images]), torch.tensor([im.shape[2] for im in images]))
 
 
@@ -161,14 +161,14 @@ def test_view_equals_official_ops(recipe, dtype, atol):
     images = [torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=gen)
               for h, w in [(40, 50), (23, 31), (64, 17), (7, 40), (32, 32), (50, 45), (33, 61), (30, 30)]]
     packed, size = _packed(images), 24
-    aug = GA.GpuAugment(recipe, size, D.IMAGENET_MEAN, D.IMAGENET_STD, out_dtype=dtype)
+    aug = BatchAugment(recipe, size, D.IMAGENET_MEAN, D.IMAGENET_STD, out_dtype=dtype)
     p = aug.params(packed, gen)
     n = len(images)
     # every branch at least once: alternate the coins
     p = p._replace(gray=torch.arange(n) % 3 == 0, flip=torch.arange(n) % 2 == 0,
                    jitter=p.jitter | (torch.arange(n) % 4 != 3),
                    sigma=torch.where(torch.arange(n) % 2 == 1, 0.1 + 1.9 * torch.rand(n, generator=gen), 0.0)
-                   if GA.RECIPES[recipe].p_blur else p.sigma)
+                   if D.RECIPES[recipe].p_blur else p.sigma)
     out = aug.apply(packed, p)
     assert out.shape == (n, 3, size, size) and out.dtype == dtype
     assert out.is_contiguous(memory_format=torch.channels_last)
@@ -185,7 +185,7 @@ def test_blur_equals_torchvision_and_commutes():
     torch.testing.assert_close(out[0], x[0], atol=0, rtol=0)
     for i in range(1, 4):
         torch.testing.assert_close(out[i], TF.gaussian_blur(x[i], [13, 13], [float(sigma[i])] * 2), atol=1e-5, rtol=0)
-    # after hflip and normalise, as GpuAugment applies it, equals the official blur-then-flip-then-normalise
+    # after hflip and normalise, as BatchAugment applies it, equals the official blur-then-flip-then-normalise
     mean, std = D.IMAGENET_MEAN, D.IMAGENET_STD
     official = TF.normalize(TF.hflip(TF.gaussian_blur(x, [13, 13], [1.3, 1.3])), mean, std)
     fused = GA.gaussian_blur(TF.normalize(TF.hflip(x), mean, std), torch.full((4,), 1.3))
@@ -255,7 +255,11 @@ def test_a_jpeg_with_bytes_after_its_end_marker_is_decoded(device):
 # loaders
 
 def _sampler(dataset, batch_size, seed=0):
-    return EpochSampler(dataset, DistInfo(0, 1, 0, torch.device("cpu")), seed, batch_size)
+    return EpochSampler(dataset, batch_size, seed)
+
+
+def _loader(dataset, sampler, workers, device, recipe, size, mean, std, out_dtype=torch.float32):
+    return device_loader(dataset, sampler, workers, device, BatchAugment(recipe, size, mean, std, out_dtype))
 
 
 def _jpeg_folder(root, n=12):
@@ -279,9 +283,9 @@ def _batches(loader, epoch, skip=0):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_folder_loader(tmp_path, dtype, device):
     dataset = D.build_dataset(_jpeg_folder(tmp_path), "train", None)
-    sampler = _sampler(dataset, 7)
-    loader = GD.make_gpu_train_loader(dataset, sampler, 0, device, "v2", 32, D.IMAGENET_MEAN, D.IMAGENET_STD,
-                                      out_dtype=dtype, seed=3)
+    sampler = _sampler(dataset, 7, seed=3)
+    loader = _loader(dataset, sampler, 0, device, "v2", 32, D.IMAGENET_MEAN, D.IMAGENET_STD,
+                                      out_dtype=dtype)
     assert len(loader) == 2
     batches = _batches(loader, 0)
     assert len(batches) == 2
@@ -298,8 +302,8 @@ def test_folder_loader(tmp_path, dtype, device):
 
 def test_folder_loader_workers_same_batches(tmp_path):
     dataset = D.build_dataset(_jpeg_folder(tmp_path), "train", None)
-    make = lambda w: GD.make_gpu_train_loader(dataset, _sampler(dataset, 4), w, "cpu", "v1", 16,  # noqa: E731
-                                              D.IMAGENET_MEAN, D.IMAGENET_STD, seed=1)
+    make = lambda w: _loader(dataset, _sampler(dataset, 4, seed=1), w, "cpu", "v1", 16,  # noqa: E731
+                                              D.IMAGENET_MEAN, D.IMAGENET_STD)
     for a, b in zip(_batches(make(0), 1), _batches(make(2), 1)):
         assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and torch.equal(a[2], b[2])
 
@@ -314,9 +318,9 @@ def cifar(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_in_memory_loader(cifar, device):
-    loader = GD.make_gpu_train_loader(cifar, _sampler(cifar, 16), 0, device, "small", 32, D.CIFAR10_MEAN,
-                                      D.CIFAR10_STD, out_dtype=torch.bfloat16, seed=0)
-    images, targets = GD.in_memory_images(cifar.base)
+    loader = _loader(cifar, _sampler(cifar, 16), 0, device, "small", 32, D.CIFAR10_MEAN,
+                                      D.CIFAR10_STD, out_dtype=torch.bfloat16)
+    images, targets = D.in_memory_images(cifar.base)
     assert images.shape == (40, 3, 32, 32) and images.dtype == torch.uint8
     assert torch.equal(images[5].permute(1, 2, 0), torch.from_numpy(cifar.base.data[5]))
     assert targets.tolist() == list(cifar.base.targets)
@@ -332,8 +336,8 @@ def test_in_memory_loader(cifar, device):
 def test_cuda_batches_made_on_the_side_stream_match_the_cpu_path(cifar):
     """On CUDA each batch is made on a side stream one ahead of the consumer: the same pixels as the CPU
     path (Triton against the reference ops), so nothing is read before it is written or after it is reused."""
-    make = lambda dev: GD.make_gpu_train_loader(cifar, _sampler(cifar, 8, seed=5), 0, dev, "small", 32,  # noqa: E731
-                                                D.CIFAR10_MEAN, D.CIFAR10_STD, seed=5)
+    make = lambda dev: _loader(cifar, _sampler(cifar, 8, seed=5), 0, dev, "small", 32,  # noqa: E731
+                                                D.CIFAR10_MEAN, D.CIFAR10_STD)
     cpu, cuda = _batches(make("cpu"), 2), _batches(make("cuda"), 2)
     assert len(cpu) == len(cuda) == 5
     for a, b in zip(cpu, cuda):
@@ -345,11 +349,11 @@ def test_cuda_batches_made_on_the_side_stream_match_the_cpu_path(cifar):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 def test_overlapped_jpeg_loader_keeps_its_pixels_while_the_main_stream_is_busy(tmp_path):
     """nvjpeg writes on its own stream into memory the allocator hands out: a batch's decoded images must stay
-    allocated until the side-stream work that reads them has run (gpu_data.KeptUntilDone). With the main
+    allocated until the side-stream work that reads them has run (decode.KeptUntilDone). With the main
     stream held up by a long kernel before each batch is read, the pixels equal the synchronised path's."""
     dataset = D.build_dataset(_jpeg_folder(tmp_path, n=96), "train", None)
-    make = lambda: GD.make_gpu_train_loader(dataset, _sampler(dataset, 8, seed=2), 0, "cuda", "v2", 32,  # noqa: E731
-                                            D.IMAGENET_MEAN, D.IMAGENET_STD, seed=2)
+    make = lambda: _loader(dataset, _sampler(dataset, 8, seed=2), 0, "cuda", "v2", 32,  # noqa: E731
+                                            D.IMAGENET_MEAN, D.IMAGENET_STD)
     calm = make()
     calm.sampler.set_epoch(0)
     expected = []
@@ -373,13 +377,13 @@ def test_gray_in_memory_set_repeats_channels(tmp_path):
     from test_data import write_mnist_like
     write_mnist_like(tmp_path / "MNIST" / "raw", n_train=4)
     base = datasets.MNIST(str(tmp_path), train=True, download=False)
-    images, targets = GD.in_memory_images(base)
+    images, targets = D.in_memory_images(base)
     assert images.shape == (4, 3, 28, 28) and torch.equal(images[:, 0], base.data) and torch.equal(images[:, 2], base.data)
 
 
 def test_same_key_same_batch_and_resume(cifar):
-    make = lambda: GD.make_gpu_train_loader(cifar, _sampler(cifar, 8, seed=5), 0, "cpu", "small", 32,  # noqa: E731
-                                            D.CIFAR10_MEAN, D.CIFAR10_STD, seed=5)
+    make = lambda: _loader(cifar, _sampler(cifar, 8, seed=5), 0, "cpu", "small", 32,  # noqa: E731
+                                            D.CIFAR10_MEAN, D.CIFAR10_STD)
     full, again = _batches(make(), 2), _batches(make(), 2)
     resumed = _batches(make(), 2, skip=3)
     other_epoch = _batches(make(), 3)

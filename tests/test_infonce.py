@@ -400,7 +400,7 @@ def test_infonce_cuda_v2_opcheck_and_compile(device, backend, monkeypatch, matmu
     fullgraph compile equal to eager."""
     monkeypatch.setenv("MOCO_FAST_CUDA_INFONCE", "v2")
     q, k, queue = make_inputs(6, 32, 100, F32, F32, device)
-    torch.library.opcheck(_custom.infonce_op, (q.clone().requires_grad_(True), k, queue, T, backend, True))
+    torch.library.opcheck(torch.ops.moco_fast.infonce, (q.clone().requires_grad_(True), k, queue, T, backend, True))
     compiled = torch.compile(lambda q: ops.infonce(q, k, queue, T, backend=backend), fullgraph=True)
     qc = q.clone().requires_grad_(True)
     loss = compiled(qc)

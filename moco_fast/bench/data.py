@@ -18,11 +18,10 @@ from PIL import Image
 
 from moco_fast import data as D
 from moco_fast.config import PRESETS, Config
-from moco_fast.distributed import DistInfo
-from moco_fast.gpu_augment import GpuAugment
-from moco_fast.gpu_data import InMemoryLoader, make_gpu_train_loader
+from moco_fast.data import BatchAugment, EpochSampler, device_loader
+from moco_fast.data.device import InMemoryLoader
 from moco_fast.step import TrainStep, fast_cuda_settings
-from moco_fast.train import EpochSampler, build_model, make_optimizer
+from moco_fast.train import build_model, make_optimizer  # the end-to-end case's model, as the trainer builds it
 
 
 class Sizes(NamedTuple):
@@ -58,7 +57,7 @@ def write_photos(root: pathlib.Path, n: int, size: tuple) -> pathlib.Path:
 
 def _sampler(n: int, batch_size: int) -> EpochSampler:
     """The trainer's sampler over n images, for one process."""
-    return EpochSampler(range(n), DistInfo(0, 1, 0, torch.device("cpu")), seed=0, batch_size=batch_size)
+    return EpochSampler(range(n), batch_size, seed=0)
 
 
 def _time_batches(loader, batches: int, warmup: int, device: torch.device, each=lambda batch: batch) -> float:
@@ -94,8 +93,8 @@ def bench_pil(root, sz: Sizes, workers: int) -> dict:
 
 def bench_gpu_folder(root, sz: Sizes, workers: int, device: torch.device, dtype: torch.dtype) -> dict:
     dataset = D.build_dataset(root, "train", None, "imagefolder")
-    loader = make_gpu_train_loader(dataset, _sampler(len(dataset), sz.batch), workers, device, "v2", sz.image_size,
-                                   D.IMAGENET_MEAN, D.IMAGENET_STD, dtype, channels_last=True)
+    augment = BatchAugment("v2", sz.image_size, D.IMAGENET_MEAN, D.IMAGENET_STD, dtype, channels_last=True)
+    loader = device_loader(dataset, _sampler(len(dataset), sz.batch), workers, device, augment)
     seconds = _time_batches(loader, sz.batches, 2, device)
     return {"pipeline": "gpu path folder (v2)", "img_per_s": sz.batch * sz.batches / seconds, "workers": workers,
             "cpu_decodes": loader.cpu_decodes}
@@ -103,9 +102,9 @@ def bench_gpu_folder(root, sz: Sizes, workers: int, device: torch.device, dtype:
 
 def bench_gpu_small(sz: Sizes, device: torch.device, dtype: torch.dtype) -> dict:
     images = torch.randint(0, 256, (sz.small_n, 3, 32, 32), dtype=torch.uint8)
-    augment = GpuAugment("small", 32, D.CIFAR10_MEAN, D.CIFAR10_STD, dtype, channels_last=True)
+    augment = BatchAugment("small", 32, D.CIFAR10_MEAN, D.CIFAR10_STD, dtype, channels_last=True)
     loader = InMemoryLoader(images, torch.zeros(sz.small_n, dtype=torch.int64), _sampler(sz.small_n, sz.small_batch),
-                            augment, device, 0, 0)
+                            augment, device)
     seconds = _time_batches(loader, sz.small_batches, 2, device)
     return {"pipeline": "gpu path in-memory (small)", "img_per_s": sz.small_batch * sz.small_batches / seconds,
             "workers": 0}
@@ -122,8 +121,8 @@ def bench_end_to_end(root, sz: Sizes, workers: int, device: torch.device, cuda_g
     model = build_model(cfg, device)
     opt = make_optimizer(cfg, model, device)
     step = TrainStep(torch.compile(model) if cfg.compile else model, opt, device, bf16, cuda_graph=cuda_graph)
-    gpu = make_gpu_train_loader(D.build_dataset(root, "train", None, "imagefolder"), _sampler(sz.files, sz.batch),
-                                workers, device, "v2", sz.image_size, D.IMAGENET_MEAN, D.IMAGENET_STD, dtype)
+    gpu = device_loader(D.build_dataset(root, "train", None, "imagefolder"), _sampler(sz.files, sz.batch), workers,
+                        device, BatchAugment("v2", sz.image_size, D.IMAGENET_MEAN, D.IMAGENET_STD, dtype))
     pil = D.make_loader(D.build_dataset(root, "train", D.TwoCropsTransform(D.moco_augmentation(True, sz.image_size)),
                                         "imagefolder"), sz.batch, workers, shuffle=True, drop_last=True)
 

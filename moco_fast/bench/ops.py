@@ -18,8 +18,8 @@ import torch.nn.functional as F
 import torchvision
 
 from moco_fast import ops
-from moco_fast.gpu_augment import sample_params
 from moco_fast.bench.timing import copy_bandwidth_gbps, host_seconds, matmul_tflops, peak_extra_mib, time_op
+from moco_fast.data.batch_augment import sample_params
 from moco_fast.ops.momentum_update import kernel as momentum_update_kernel
 from moco_fast.ops._backends import unusable_reason
 from moco_fast.reference import enqueue_ref_, infonce_ref, momentum_update_ref_

@@ -1,20 +1,17 @@
-"""Batched MoCo augmentation on the device: random parameters drawn on the host, pixels changed by the ops.
+"""The device pipeline's augmentation: random parameters drawn on the host for the whole batch at
+once, pixels changed by the ops on the batch's device (CUDA, or the CPU).
 
 The parameters of every sample are drawn with torch ops on a CPU generator, vectorised over the batch,
-from the distributions of the official torchvision pipelines (data.moco_augmentation):
-
-    v1     RandomResizedCrop(S, scale=(0.2, 1)), RandomGrayscale(0.2), ColorJitter(0.4, 0.4, 0.4, 0.4), flip
-    v2     RandomResizedCrop(S, scale=(0.2, 1)), ColorJitter(0.4, 0.4, 0.4, 0.1) p=0.8, RandomGrayscale(0.2),
-           GaussianBlur(sigma ~ U[0.1, 2]) p=0.5, flip
-    small  RandomResizedCrop(S) (scale (0.08, 1)), flip, ColorJitter(0.4, 0.4, 0.4, 0.1) p=0.8, RandomGrayscale(0.2)
-
-The pixels go through ops.crop_resize (antialiased bilinear crop + resize) and ops.color_augment
-(jitter, grayscale, flip, normalise, in one pass), then the Gaussian blur here. The blur runs last, after
-the flip and the normalisation: both commute with it (a symmetric kernel that sums to 1, reflect
-padding, a per-channel affine map), so the result equals the official order.
+from the distributions of the recipe table (recipes.RECIPES), the same one the PIL pipeline builds
+its torchvision transforms from. The pixels go through ops.crop_resize (antialiased bilinear crop +
+resize) and ops.color_augment (jitter, grayscale, flip, normalise, in one pass), then the Gaussian
+blur here. The blur runs last, after the flip and the normalisation: both commute with it (a
+symmetric kernel that sums to 1, reflect padding, a per-channel affine map), so the result equals
+the official order.
 
 Beyond the official: the blur is torchvision's tensor gaussian_blur with a fixed 13-tap kernel
-(covers 3 sigma at the largest sigma, 2.0) instead of PIL's ImageFilter.GaussianBlur.
+(covers 3 sigma at the largest sigma, 2.0) instead of PIL's ImageFilter.GaussianBlur, run in the
+output dtype (bf16 on the GPU) on the views color_augment wrote.
 """
 from __future__ import annotations
 
@@ -25,43 +22,10 @@ import torch
 import torch.nn.functional as F
 
 from moco_fast import ops
+from moco_fast.data.decode import Packed
+from moco_fast.data.recipes import RATIO, RECIPES, SIGMA
 
-
-class Recipe(NamedTuple):
-    scale: tuple[float, float]  # RandomResizedCrop's area fraction
-    hue: float                  # ColorJitter's hue strength (brightness, contrast, saturation: 0.4)
-    p_jitter: float
-    p_gray: float
-    p_blur: float
-    gray_first: bool            # v1 applies RandomGrayscale before ColorJitter
-
-
-RECIPES = {
-    "v1": Recipe(scale=(0.2, 1.0), hue=0.4, p_jitter=1.0, p_gray=0.2, p_blur=0.0, gray_first=True),
-    "v2": Recipe(scale=(0.2, 1.0), hue=0.1, p_jitter=0.8, p_gray=0.2, p_blur=0.5, gray_first=False),
-    "small": Recipe(scale=(0.08, 1.0), hue=0.1, p_jitter=0.8, p_gray=0.2, p_blur=0.0, gray_first=False),
-}
-JITTER = 0.4                  # brightness, contrast and saturation factors ~ U[0.6, 1.4]
-RATIO = (3.0 / 4.0, 4.0 / 3.0)
-SIGMA = (0.1, 2.0)
 BLUR_KERNEL = 2 * math.ceil(3 * SIGMA[1]) + 1  # 13 taps
-
-
-def recipe_name(aug_plus: bool, small: bool) -> str:
-    """The recipe data.moco_augmentation(aug_plus, small=small) builds."""
-    return "small" if small else ("v2" if aug_plus else "v1")
-
-
-class Packed(NamedTuple):
-    """Images of different sizes in one buffer: image i is the contiguous uint8 CHW (C=3) block of
-    data starting at element offsets[i]. offsets/heights/widths: int64 (N,) on the host."""
-    data: torch.Tensor
-    offsets: torch.Tensor
-    heights: torch.Tensor
-    widths: torch.Tensor
-
-    def __len__(self) -> int:
-        return len(self.offsets)
 
 
 class AugmentParams(NamedTuple):
@@ -112,10 +76,11 @@ def sample_params(recipe: str, heights: torch.Tensor, widths: torch.Tensor,
     replaces the recipe's smallest crop area fraction (--crop-scale)."""
     rc = RECIPES[recipe]
     n = len(heights)
-    boxes = crop_boxes(heights, widths, generator, rc.scale if crop_scale is None else (crop_scale, 1.0))
+    boxes = crop_boxes(heights, widths, generator, rc.crop_scale(crop_scale))
     u = torch.rand(n, 4, generator=generator)
-    lo = torch.tensor([1 - JITTER] * 3 + [-rc.hue])
-    factors = lo + (torch.tensor([2 * JITTER] * 3 + [2 * rc.hue])) * u       # ColorJitter.get_params
+    *bcs, hue = rc.jitter                                                    # factors ~ U[1 - s, 1 + s], hue ~ U[-s, s]
+    lo = torch.tensor([1 - s for s in bcs] + [-hue])
+    factors = lo + torch.tensor([2 * s for s in rc.jitter]) * u              # ColorJitter.get_params
     order = torch.argsort(torch.rand(n, 4, generator=generator), dim=1)      # a uniform permutation
     coins = torch.rand(n, 4, generator=generator)
     sigma = SIGMA[0] + (SIGMA[1] - SIGMA[0]) * torch.rand(n, generator=generator)
@@ -132,33 +97,46 @@ def gaussian_kernels(sigma: torch.Tensor, size: int = BLUR_KERNEL) -> torch.Tens
     return pdf / pdf.sum(dim=1, keepdim=True)
 
 
+def _blurred_rows(x: torch.Tensor, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(row indices on x's device, those rows blurred in x's dtype), or None when no sigma is > 0.
+
+    The convolution runs in fp32 on the blurred rows only: an exact kernel and one rounding to x's dtype,
+    without an fp32 copy of the whole batch."""
+    sigma = sigma.cpu()
+    idx = torch.nonzero(sigma > 0)[:, 0]                                     # no device sync: sigma is on the host
+    if len(idx) == 0:
+        return None
+    n, c, hgt, wid = len(idx), x.shape[1], x.shape[2], x.shape[3]
+    kernel = gaussian_kernels(sigma[idx]).to(x.device)                       # n x 13, fp32
+    kernel = kernel.repeat_interleave(c, dim=0)[:, None]                     # (n*C) x 1 x 13
+    pad = BLUR_KERNEL // 2
+    dev_idx = idx.to(x.device)
+    y = x.index_select(0, dev_idx).float().contiguous().view(1, n * c, hgt, wid)
+    y = F.conv2d(F.pad(y, (pad, pad, 0, 0), mode="reflect"), kernel[:, :, None, :], groups=n * c)
+    y = F.conv2d(F.pad(y, (0, 0, pad, pad), mode="reflect"), kernel[:, :, :, None], groups=n * c)
+    return dev_idx, y.view(n, c, hgt, wid).to(x.dtype)
+
+
 def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     """Per-sample separable Gaussian blur of x (N, C, H, W), float; sigma: (N,) (0 = unchanged).
 
     Same as torchvision.transforms.functional.gaussian_blur(x[i], [13, 13], [sigma[i]] * 2) for every
     i (reflect padding). Only the blurred samples are touched; the result has x's memory format.
     """
-    sigma = sigma.cpu()
-    idx = torch.nonzero(sigma > 0)[:, 0]                                     # no device sync: sigma is on the host
-    if len(idx) == 0:
-        return x
-    n, c, hgt, wid = len(idx), x.shape[1], x.shape[2], x.shape[3]
-    kernel = gaussian_kernels(sigma[idx]).to(x.device, x.dtype)              # n x 13
-    kernel = kernel.repeat_interleave(c, dim=0)[:, None]                     # (n*C) x 1 x 13
-    pad = BLUR_KERNEL // 2
-    dev_idx = idx.to(x.device)
-    y = x.index_select(0, dev_idx).contiguous().view(1, n * c, hgt, wid)
-    y = F.conv2d(F.pad(y, (pad, pad, 0, 0), mode="reflect"), kernel[:, :, None, :], groups=n * c)
-    y = F.conv2d(F.pad(y, (0, 0, pad, pad), mode="reflect"), kernel[:, :, :, None], groups=n * c)
-    out = x.clone()
-    out.index_copy_(0, dev_idx, y.view(n, c, hgt, wid))  # into x's memory format (clone preserves it)
-    return out
+    rows = _blurred_rows(x, sigma)
+    return x if rows is None else x.clone().index_copy_(0, *rows)  # clone keeps x's memory format
 
 
-class GpuAugment:
-    """One recipe's augmentation of packed uint8 images into normalised views.
+def gaussian_blur_(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """gaussian_blur written into x itself (for views the caller owns); returns x."""
+    rows = _blurred_rows(x, sigma)
+    return x if rows is None else x.index_copy_(0, *rows)
 
-        aug = GpuAugment("v2", 224, IMAGENET_MEAN, IMAGENET_STD, out_dtype=torch.bfloat16)
+
+class BatchAugment:
+    """One recipe's augmentation of a batch of packed uint8 images into normalised views.
+
+        aug = BatchAugment("v2", 224, IMAGENET_MEAN, IMAGENET_STD, out_dtype=torch.bfloat16)
         view = aug(packed, generator)                  # (N, 3, 224, 224), channels_last
         im_q, im_k = aug.two_views(packed, generator)  # independent parameters, one launch per op
 
@@ -183,13 +161,9 @@ class GpuAugment:
         # bound the filter taps from the host boxes.
         x = ops.crop_resize(packed.data, packed.offsets, packed.heights, packed.widths, p.boxes, self.size,
                             backend=self.backend)                            # N x 3 x S x S, fp32 in [0, 1]
-        blur = bool((p.sigma > 0).any())
         x = ops.color_augment(x, p.factors, p.order, p.jitter, p.gray, p.flip, self.mean, self.std, self.gray_first,
-                              out_dtype=torch.float32 if blur else self.out_dtype,
-                              channels_last=self.channels_last, backend=self.backend)
-        if blur:
-            x = gaussian_blur(x, p.sigma).to(self.out_dtype)
-        return x
+                              out_dtype=self.out_dtype, channels_last=self.channels_last, backend=self.backend)
+        return gaussian_blur_(x, p.sigma)  # the views are ours: blurred in place, in out_dtype
 
     def __call__(self, packed: Packed, generator: torch.Generator) -> torch.Tensor:
         return self.apply(packed, self.params(packed, generator))
