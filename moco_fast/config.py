@@ -80,7 +80,7 @@ class Config(RunConfig):
     backend: str = "auto"               # op backends: auto | reference | cpu | cuda | triton
     checkpoint_minutes: float = 10.0    # also checkpoint mid-epoch this often
     save_every: int = 0                 # keep checkpoint_epoch<E>.pth every this many epochs (0: never)
-    knn_every: int = 0                  # kNN monitor every this many epochs (0: only at the end)
+    knn_every: int = 0                  # kNN monitor every this many epochs (0: off)
     knn_k: int = 200
     knn_t: float = 0.1
     max_bad_images: int = 100           # stop past this many unreadable images

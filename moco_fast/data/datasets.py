@@ -16,7 +16,6 @@ import hashlib
 import os
 import pathlib
 import shutil
-import tempfile
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -24,6 +23,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import datasets
+
+from moco_fast.checkpoint import atomic_file
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 # The official CIFAR demo's values (its std is the often-copied 0.2023/0.1994/0.2010, not the
@@ -189,15 +190,8 @@ def _unpack_idx(src: pathlib.Path, folder: str) -> pathlib.Path:
             gz, out = src / f"{name}.gz", raw / name
             if out.is_file():
                 continue
-            fd, tmp = tempfile.mkstemp(dir=raw, prefix=f".{name}.", suffix=".tmp")
-            try:
-                with os.fdopen(fd, "wb") as f, gzip.open(gz, "rb") as g:
-                    shutil.copyfileobj(g, f, 1 << 20)
-                os.chmod(tmp, 0o644)  # mkstemp's 0600 would keep a shared cache from other users
-                os.replace(tmp, out)
-            finally:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
+            with atomic_file(str(out), shared=True) as f, gzip.open(gz, "rb") as g:  # shared: one cache per machine
+                shutil.copyfileobj(g, f, 1 << 20)
     except OSError as e:  # gzip.BadGzipFile is an OSError too
         raise DataError(f"cannot unpack the idx files of {src} into {cache} (set MOCO_FAST_CACHE "
                         f"to move the cache): {e}") from e
