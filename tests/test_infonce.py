@@ -322,17 +322,32 @@ def test_infonce_triton_hopper_tuning_skips_wrong_configs_and_logs_its_choice(mo
     assert f"config {broken} failed" in caplog.text
 
 
-@pytest.mark.parametrize("device, backend", [p for p in fast_backends("infonce") if p.values[1] == "triton"])
-def test_infonce_triton_hopper_opcheck_and_compile(device, backend, monkeypatch):
-    """The hopper variant behind the same custom op: opcheck, and a fullgraph compile equal to eager."""
-    monkeypatch.setenv("MOCO_FAST_TRITON_INFONCE", "hopper")
-    q, k, queue = make_inputs(6, 32, 100, F32, F32, device)
-    torch.library.opcheck(torch.ops.moco_fast.infonce, (q.clone().requires_grad_(True), k, queue, T, backend, False))
-    compiled = torch.compile(lambda q: ops.infonce(q, k, queue, T, backend=backend), fullgraph=True)
-    qc = q.clone().requires_grad_(True)
-    loss = compiled(qc)
-    loss.backward()
-    eager_loss, eager_grad, _ = run(q, k, queue, backend)
+# (backend, switch, variant, fp32 matmul precision): the cuda v2 engine serves TF32 (v1's FMA engine serves "highest")
+VARIANTS = [("triton", "MOCO_FAST_TRITON_INFONCE", "hopper", "highest"), ("cuda", "MOCO_FAST_CUDA_INFONCE", "v2", "high")]
+
+
+def variant_params():
+    return [pytest.param(*p.values, switch, variant, precision, marks=p.marks, id=f"{p.id}-{variant}")
+            for p in fast_backends("infonce") for backend, switch, variant, precision in VARIANTS
+            if p.values[1] == backend]
+
+
+@pytest.mark.parametrize("device, backend, switch, variant, precision", variant_params())
+def test_infonce_variant_opcheck_and_compile(device, backend, switch, variant, precision, monkeypatch):
+    """A new variant behind the same custom op: opcheck, and a fullgraph compile equal to eager."""
+    monkeypatch.setenv(switch, variant)
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        q, k, queue = make_inputs(6, 32, 100, F32, F32, device)
+        torch.library.opcheck(torch.ops.moco_fast.infonce, (q.clone().requires_grad_(True), k, queue, T, backend, True))
+        compiled = torch.compile(lambda q: ops.infonce(q, k, queue, T, backend=backend), fullgraph=True)
+        qc = q.clone().requires_grad_(True)
+        loss = compiled(qc)
+        loss.backward()
+        eager_loss, eager_grad, _ = run(q, k, queue, backend)
+    finally:
+        torch.set_float32_matmul_precision(before)
     assert torch.equal(loss, eager_loss) and torch.equal(qc.grad, eager_grad)
 
 
@@ -394,16 +409,3 @@ def test_infonce_cuda_variant_names(device, backend, monkeypatch):
         torch.ops.moco_fast.infonce_fwd(q, k, queue, 1 / T, False)
 
 
-@pytest.mark.parametrize("device, backend", [p for p in fast_backends("infonce") if p.values[1] == "cuda"])
-def test_infonce_cuda_v2_opcheck_and_compile(device, backend, monkeypatch, matmul_precision_high):
-    """v2 behind the same custom op (TF32, so that v2 and not v1's FMA engine serves): opcheck, and a
-    fullgraph compile equal to eager."""
-    monkeypatch.setenv("MOCO_FAST_CUDA_INFONCE", "v2")
-    q, k, queue = make_inputs(6, 32, 100, F32, F32, device)
-    torch.library.opcheck(torch.ops.moco_fast.infonce, (q.clone().requires_grad_(True), k, queue, T, backend, True))
-    compiled = torch.compile(lambda q: ops.infonce(q, k, queue, T, backend=backend), fullgraph=True)
-    qc = q.clone().requires_grad_(True)
-    loss = compiled(qc)
-    loss.backward()
-    eager_loss, eager_grad, _ = run(q, k, queue, backend)
-    assert torch.equal(loss, eager_loss) and torch.equal(qc.grad, eager_grad)

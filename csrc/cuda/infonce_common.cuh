@@ -55,4 +55,25 @@ struct Params {
 
 constexpr int up128(size_t bytes) { return static_cast<int>((bytes + 127) / 128 * 128); }
 
+// The split plan and launch both engines share: as many splits of the queue as fill one wave of CTAs
+// over the row blocks, the [splits, N, C+3] fp32 workspace, raw 16-byte copies where the queue allows.
+// Sets p.tiles/splits/raw/ws; returns the workspace.
+template <class Kernel>
+at::Tensor launch_partials(Kernel kernel, Params& p, int bm, int bn, int threads, int bytes, bool raw_ok,
+                           size_t elem_bytes, const at::Tensor& queue, cudaStream_t stream) {
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+  int per_sm = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, bytes));
+  const int64_t ctas = static_cast<int64_t>(moco_fast_cuda::sm_count(queue.get_device())) * std::max(per_sm, 1);
+  const int64_t row_blocks = (p.N + bm - 1) / bm, tiles = (p.K + bn - 1) / bn;
+  p.tiles = static_cast<int>(tiles);
+  p.splits = static_cast<int>(std::max<int64_t>(1, std::min((ctas + row_blocks - 1) / row_blocks, tiles)));
+  p.raw = raw_ok && (p.C * elem_bytes) % 16 == 0 && reinterpret_cast<uintptr_t>(queue.data_ptr()) % 16 == 0;
+  at::Tensor ws = at::empty({p.splits, p.N, p.C + 3}, queue.options().dtype(at::kFloat));
+  p.ws = ws.data_ptr<float>();
+  kernel<<<dim3(static_cast<unsigned>(row_blocks), static_cast<unsigned>(p.splits)), threads, bytes, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return ws;
+}
+
 }  // namespace

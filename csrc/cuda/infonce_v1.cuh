@@ -355,21 +355,8 @@ __global__ void __launch_bounds__(kThreads) infonce_fwd_kernel(const Params p) {
 template <class E>
 at::Tensor run_partials(Params& p, const at::Tensor& queue, cudaStream_t stream) {
   constexpr int bytes = Smem<E>::bytes;
-  const auto kernel = infonce_fwd_kernel<E>;
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
-  int per_sm = 0;
-  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, bytes));
-  const int64_t ctas = static_cast<int64_t>(moco_fast_cuda::sm_count(queue.get_device())) * std::max(per_sm, 1);
-  const int64_t row_blocks = (p.N + E::BM - 1) / E::BM, tiles = (p.K + E::BN - 1) / E::BN;
-  p.tiles = static_cast<int>(tiles);
-  p.splits = static_cast<int>(std::max<int64_t>(1, std::min((ctas + row_blocks - 1) / row_blocks, tiles)));
-  p.raw = p.vt == E::Op::kIn && (p.C * sizeof(typename E::T)) % 16 == 0 &&
-          reinterpret_cast<uintptr_t>(queue.data_ptr()) % 16 == 0;
-  at::Tensor ws = at::empty({p.splits, p.N, p.C + 3}, queue.options().dtype(at::kFloat));
-  p.ws = ws.data_ptr<float>();
-  kernel<<<dim3(static_cast<unsigned>(row_blocks), static_cast<unsigned>(p.splits)), kThreads, bytes, stream>>>(p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return ws;
+  return launch_partials(infonce_fwd_kernel<E>, p, E::BM, E::BN, kThreads, bytes, p.vt == E::Op::kIn,
+                         sizeof(typename E::T), queue, stream);
 }
 
 template <int CP>
