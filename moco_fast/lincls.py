@@ -26,9 +26,10 @@ from moco_fast.monitor import RunLog, plot_run
 from moco_fast.preemption import Stopped, StopRequest
 
 
-def baseline_backbone(cfg: LinclsConfig) -> tuple[nn.Module, int]:
-    """Raw pixels (flattened) or a randomly initialised encoder, with its feature size."""
-    size = data.image_spec(cfg.data, cfg.dataset, cfg.image_size)["image_size"]
+def baseline_backbone(cfg: LinclsConfig, source: data.Source | None = None) -> tuple[nn.Module, int]:
+    """Raw pixels (flattened) or a randomly initialised encoder, with its feature size (source: the data
+    set's data.locate, when the caller has it)."""
+    size = data.image_spec(source or cfg.data, cfg.dataset, cfg.image_size)["image_size"]
     if cfg.baseline == "pixels":
         return nn.Flatten(), 3 * size * size
     torch.manual_seed(0)
@@ -196,12 +197,13 @@ def frozen(backbone: nn.Module) -> tuple[nn.Module, dict]:
     return backbone, copy.deepcopy(backbone.state_dict())
 
 
-def run_lincls(cfg, backbone, feature_dim: int, device, rank: int = 0, world_size: int = 1) -> dict:
+def run_lincls(cfg, backbone, feature_dim: int, device, rank: int = 0, world_size: int = 1,
+               source: data.Source | None = None) -> dict:
     """Linear evaluation as cfg says; returns {"last": {...}, "best": {...}} accuracies. Each of
     world_size processes trains on its shard of the data (batch_size is global)."""
     per_rank = cfg.batch_size // world_size
     train_loader, val_loader, num_classes = data.linear_loaders(
-        data.locate(cfg.data, cfg.dataset), per_rank, cfg.workers, cfg.seed, augmented=not cfg.cached_features,
+        source or data.locate(cfg.data, cfg.dataset), per_rank, cfg.workers, cfg.seed, augmented=not cfg.cached_features,
         distributed=world_size > 1, image_size=cfg.image_size)
     backbone, reference = frozen(backbone.to(device))
     say = print if rank == 0 else lambda *_: None

@@ -16,7 +16,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from moco_fast.distributed import cleanup_distributed, setup_distributed  # noqa: E402
-from moco_fast.data import DataError  # noqa: E402
+from moco_fast.data import DataError, locate  # noqa: E402
 from moco_fast.config import parse_lincls_config  # noqa: E402
 from moco_fast.evaluate import BackboneChanged  # noqa: E402
 from moco_fast.lincls import baseline_backbone, run_lincls  # noqa: E402
@@ -30,15 +30,16 @@ def main(argv=None) -> int:
     def body():
         try:
             process = setup_distributed(None if cfg.device == "auto" else cfg.device)  # torchrun's, if any
+            source = locate(cfg.data, cfg.dataset)  # the one search of the disk for this run
             if cfg.baseline:
-                backbone, dim = baseline_backbone(cfg)
+                backbone, dim = baseline_backbone(cfg, source)
                 print(f"baseline: {cfg.baseline} ({dim}-d features)", flush=True)
             else:
                 backbone, info = load_backbone(cfg.pretrained, cfg.arch)
                 dim = info["feature_dim"]
                 print(f"pretrained: {cfg.pretrained} ({info['source']} format, {info['arch']}, {dim}-d features)",
                       flush=True)
-            run_lincls(cfg, backbone, dim, process.device, process.rank, process.world_size)
+            run_lincls(cfg, backbone, dim, process.device, process.rank, process.world_size, source)
         finally:
             cleanup_distributed()
     return exit_code(body, bad_input=(ValueError, DataError, CheckpointError, FileNotFoundError, BackboneChanged))
