@@ -321,8 +321,6 @@ def validate(cfg: RunConfig, world_size: int = 1) -> None:
                 for name, choices in named.items()
                 if getattr(cfg, name) not in choices and not (name == "arch" and cfg.arch is None)]
     problems += _range_problems(cfg, ("epochs", "batch_size", "print_freq"), ("workers",))
-    if cfg.lr <= 0 and not isinstance(cfg, Config):
-        problems.append(f"--lr must be positive, got {cfg.lr}")
     if cfg.image_size is not None and cfg.image_size < 8:
         problems.append(f"--image-size must be >= 8 (pixels), got {cfg.image_size}")
     if cfg.max_steps is not None and cfg.max_steps < 0:
@@ -355,7 +353,7 @@ def _pretrain_problems(cfg: Config) -> list[str]:
 
 
 def _lincls_problems(cfg: LinclsConfig) -> list[str]:
-    problems = []
+    problems = [] if cfg.lr > 0 else [f"--lr must be positive, got {cfg.lr}"]
     if cfg.baseline is not None and cfg.baseline not in BASELINES:
         problems.append(f"--baseline {cfg.baseline!r} is not one of {BASELINES}")
     if not cfg.baseline and not cfg.pretrained:

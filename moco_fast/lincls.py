@@ -91,9 +91,12 @@ def train_linear(cfg, backbone, feature_dim: int, train_loader, val_loader, num_
             group["lr"] = lr
         _start_epoch(train_loader, epoch, skip)
         log.start_epoch(epoch, steps_per_epoch, skip)
-        on_stop = lambda done, step: _stop_mid_epoch(save, log, stop, epoch, done, step, best)  # noqa: E731
+        def check_stop(done: int, step: int) -> None:  # raises Stopped once the checkpoint of this step is written
+            if stop is not None and stop.should_stop() and done < steps_per_epoch:
+                _stop_mid_epoch(save, log, stop, epoch, done, step, best)
+
         step, done, loss = _train_epoch(cfg, model, opt, backbone if not cached else None, train_loader, device,
-                                        log, (epoch, step, skip, limit, steps_per_epoch), stop, on_stop)
+                                        log, (epoch, step, skip, limit), check_stop)
         log.end_epoch()
         skip = 0
         result = head_accuracy(None if cached else backbone, fc, val_loader, device)
@@ -109,10 +112,10 @@ def train_linear(cfg, backbone, feature_dim: int, train_loader, val_loader, num_
     return {"last": result, "best": best}
 
 
-def _train_epoch(cfg, model, opt, backbone, loader, device, log, where: tuple, stop, on_stop):
-    """The steps of one epoch from where = (epoch, global step, batches done, step limit, steps per
-    epoch); a train row every --print-freq steps; returns (global step, batches done, last loss)."""
-    epoch, step, done, limit, steps_per_epoch = where
+def _train_epoch(cfg, model, opt, backbone, loader, device, log, where: tuple, check_stop):
+    """The steps of one epoch from where = (epoch, global step, batches done, step limit), check_stop(done,
+    step) after each; a train row every --print-freq steps; returns (global step, batches done, last loss)."""
+    epoch, step, done, limit = where
     bf16 = torch.device(device).type == "cuda"
     loss = torch.zeros(())
     for batch in loader:
@@ -129,8 +132,7 @@ def _train_epoch(cfg, model, opt, backbone, loader, device, log, where: tuple, s
             log.record("train", step, {"epoch": epoch, "loss": loss.item(), "lr": opt.param_groups[0]["lr"]})
         if step >= limit:
             break
-        if stop is not None and stop.should_stop() and done < steps_per_epoch:
-            on_stop(done, step)  # raises Stopped once the checkpoint of this step is written
+        check_stop(done, step)
     return step, done, loss
 
 

@@ -1,5 +1,7 @@
 """Linear classification on frozen features: end to end, the sanity check, cached features."""
 import json
+import os
+import signal
 
 import pytest
 import torch
@@ -8,8 +10,9 @@ from moco_fast import data
 from moco_fast.encoders import get_encoder
 from moco_fast.config import LinclsConfig
 from moco_fast.evaluate import BackboneChanged, sanity_check
-from moco_fast.lincls import frozen, train_linear
+from moco_fast.lincls import find_resume, frozen, train_linear
 from moco_fast.monitor import RunLog
+from moco_fast.preemption import Stopped, StopRequest
 from test_distributed import run_script
 from test_train import ROOT, make_folder, pretrain
 
@@ -140,3 +143,40 @@ def test_max_steps_print_freq_and_evaluate_only(tmp_path, pretrained):
     assert torch.load(out / "checkpoint.pth", weights_only=True)["step_in_epoch"] == ck["step_in_epoch"]
     missing = lincls(*common[:-1], str(tmp_path / "empty"), "-e")
     assert missing.returncode == 2 and "-e/--evaluate needs --resume" in missing.stderr
+
+
+class _SignalAt:
+    """Batches of features that send this process SIGTERM while yielding batch `at` (a cluster's stop)."""
+
+    def __init__(self, batches, at: int):
+        self.batches, self.at = batches, at
+
+    def __len__(self):
+        return len(self.batches)
+
+    def __iter__(self):
+        for i, batch in enumerate(self.batches):
+            if i == self.at:
+                os.kill(os.getpid(), signal.SIGTERM)
+            yield batch
+
+
+def test_sigterm_mid_epoch_saves_that_step_and_resume_repeats_the_whole_run(tmp_path):
+    """A stop request during linear training: the step finishes, its checkpoint is written, Stopped is
+    raised (exit 143 in the script); --resume from it ends bitwise where the uninterrupted run ends."""
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 8), torch.randint(0, 2, (64,))
+    loaders = lambda: (data.TensorBatches(x, y, 8, shuffle=True), data.TensorBatches(x, y, 8, shuffle=False))  # noqa: E731
+    whole_cfg = LinclsConfig(epochs=2, lr=1.0, batch_size=8, output_dir=str(tmp_path / "whole"))
+    whole = train_linear(whole_cfg, None, 8, *loaders(), 2, "cpu", RunLog(whole_cfg.output_dir, False), cached=True)
+    cfg = LinclsConfig(epochs=2, lr=1.0, batch_size=8, output_dir=str(tmp_path / "stopped"), resume="auto")
+    train, val = loaders()
+    with StopRequest() as stop, pytest.raises(Stopped) as stopped:
+        train_linear(cfg, None, 8, _SignalAt(train, at=2), val, 2, "cpu", RunLog(cfg.output_dir, False),
+                     cached=True, stop=stop)
+    assert stopped.value.exit_code == 143 and "batch 3" in str(stopped.value)
+    ck = torch.load(tmp_path / "stopped" / "checkpoint.pth", weights_only=True)
+    assert (ck["epoch"], ck["step_in_epoch"]) == (0, 3)
+    resumed = train_linear(cfg, None, 8, *loaders(), 2, "cpu", RunLog(cfg.output_dir, False), cached=True,
+                           resume=find_resume(cfg))
+    assert resumed == whole
