@@ -88,6 +88,7 @@ def script_main(name: str):
     pytest.param("small_resnet", True, 2, 24, id="small_resnet-mlp-splitbn"),
     pytest.param("resnet18", False, 1, 32, id="resnet18-v1"),
     pytest.param("cifar_resnet18", False, 4, 24, id="cifar_resnet18-splitbn"),
+    pytest.param("small_resnet_s2_p2", False, 4, 28, id="demo-arch-2x2-pool"),
 ])
 def test_moco_fast_checkpoint_gives_encoder_q_backbone(tmp_path, arch, mlp, bn_splits, size):
     moco = tiny_moco(arch, mlp, bn_splits)
