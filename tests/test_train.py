@@ -122,7 +122,7 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path):
 def test_demo_runs_with_no_data_argument(tmp_path):
     result = pretrain("--max-steps", "2", "--knn-every", "0", "--output-dir", str(tmp_path / "demo"))
     assert result.returncode == 0, result.stderr[-3000:]
-    assert '"preset": "demo"' in result.stdout and '"arch": "small_resnet_s2"' in result.stdout
+    assert '"preset": "demo"' in result.stdout and '"arch": "small_resnet_s2_p2"' in result.stdout
     assert '"gpu_aug": true' in result.stdout and '"crop_scale": 0.3' in result.stdout  # tensors, no PIL workers
     assert [r["step"] for r in train_rows(tmp_path / "demo")] == [2]  # print-freq 20: the last step is logged
 
