@@ -5,9 +5,11 @@
 #include <torch/extension.h>
 
 TORCH_LIBRARY(moco_fast, m) {
+  // Each is the kernel of the custom op of its name without "_kernel" (moco_fast::infonce, ...).
   // One pass over the queue: returns (mean loss, dL/dq for an upstream gradient of 1, [acc1, acc5]).
-  // loss and dL/dq are float32 (float64 when an input is float64); stats are float32.
-  m.def("infonce_fwd(Tensor q, Tensor k, Tensor queue, float inv_temperature, bool allow_tf32) "
+  // loss and dL/dq are float32 (float64 when an input is float64); stats are float32. variant: the engine
+  // (CUDA "v1" or "v2"; "" on the CPU), chosen by moco_fast/ops/variants.py.
+  m.def("infonce_kernel(Tensor q, Tensor k, Tensor queue, float inv_temperature, bool allow_tf32, str variant) "
         "-> (Tensor, Tensor, Tensor)");
   // p_k <- m * p_k + (1 - m) * p_q for every pair; m from m_tensor when given, else from m.
   m.def("momentum_update_kernel_(Tensor(a!)[] params_k, Tensor[] params_q, Tensor? m_tensor, float m) -> ()");
@@ -16,8 +18,9 @@ TORCH_LIBRARY(moco_fast, m) {
   // The augmentation's per-pixel stages (CPU only; CUDA tensors take the Triton kernels): packed uint8 CHW
   // images cropped and resized (antialiased bilinear) to (N, 3, size, size) fp32 in [0, 1]; then
   // grayscale, ColorJitter in each sample's order, flip and normalisation written into out.
-  m.def("crop_resize_kernel(Tensor data, Tensor offsets, Tensor heights, Tensor widths, Tensor boxes, int size) "
-        "-> Tensor");
+  // max_taps_y, max_taps_x: a bound on any crop's filter taps per axis (moco_fast.ops.augment.taps), checked.
+  m.def("crop_resize_kernel(Tensor data, Tensor offsets, Tensor heights, Tensor widths, Tensor boxes, int size, "
+        "int max_taps_y, int max_taps_x) -> Tensor");
   m.def("color_augment_kernel_(Tensor x, Tensor factors, Tensor order, Tensor jitter, Tensor gray, Tensor flip, "
         "float[] mean, float[] std, bool gray_first, Tensor(a!) out) -> ()");
 }

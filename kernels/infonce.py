@@ -17,11 +17,12 @@ Precision of the tensor-core dots (`allow_tf32`):
   hi + lo parts in that dtype (two dots), which gives about 16 mantissa bits, near fp32 results;
   with True it is rounded once (one dot), the 16-bit analogue of TF32.
 
-Variants (MOCO_FAST_TRITON_INFONCE, or variant_name= in infonce_fwd); "v1" stays the default until a
-GPU run has timed and self-checked the other:
+Variants (the `variant` argument of infonce_fwd; moco_fast/ops/variants.py chooses it); "v1" stays the
+default until a GPU run has timed and self-checked the other:
   v1      this file's partial kernel with pointer loads: 32-row blocks, splits for a 2 MiB workspace (~1 wave).
   hopper  the same kernel at kernels/infonce_hopper.py's shapes (>= 64 rows, SM-sized splits, TMA
-          descriptors, autotuned); the same workspace layout, merged by the same combine and finish kernels.
+          descriptors, autotuned; "hopper:<config>" forces one config); the same workspace layout, merged by
+          the same combine and finish kernels.
           Rows wider than 256 (C > 256) run v1's shapes under either name.
 
 Floors of v1, H200, N=256 C=128 K=65,536 (x16 at K=1,048,576 but the workspace):
@@ -31,7 +32,7 @@ Floors of v1, H200, N=256 C=128 K=65,536 (x16 at K=1,048,576 but the workspace):
   L2 -> SM: the queue once per 32-row block: 8 x 32 MiB = 256 MiB (~30 us at ~9 TB/s of L2 bandwidth).
   shared memory: each key tile (64 x 128 fp32 = 32 KB) read ~4x (both products, 2 warps' fragments).
 """
-import os
+import functools
 
 import torch
 import triton
@@ -46,7 +47,6 @@ VARIANTS = ("v1", "hopper")
 # hopper's configs were sized (registers, shared memory) at C=128; above 256 its [BLOCK_N, C] tiles
 # would not fit, so wider rows run v1's kernel (still the same backend and result)
 _HOPPER_MAX_C = 256
-ENV = "MOCO_FAST_TRITON_INFONCE"
 
 
 @triton.jit
@@ -272,18 +272,13 @@ def _check(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor) -> None:
         raise ValueError(f"infonce_fwd: need C <= {_MAX_C}; got C={q.shape[1]}")
 
 
-def variant(name=None) -> str:
-    """The partial kernel: `name`, else $MOCO_FAST_TRITON_INFONCE, else "v1"."""
-    name = name or os.environ.get(ENV, "").strip() or "v1"
-    if name not in VARIANTS:
-        raise ValueError(f"infonce_fwd: unknown Triton variant {name!r} ({ENV}); choose one of {VARIANTS}")
-    return name
-
-
-def _hopper():
-    """kernels/infonce_hopper.py, imported only when the variant asks for it."""
-    from . import infonce_hopper
-    return infonce_hopper
+def _variant(name: str) -> tuple[str, str]:
+    """("v1" | "hopper", a forced hopper config or "") from the variant argument."""
+    which, _, config = name.partition(":")
+    if which not in VARIANTS or (config and which != "hopper"):
+        raise ValueError(f"infonce_fwd: unknown Triton variant {name!r}; choose one of {VARIANTS} "
+                         "(or hopper:<config>)")
+    return which, config
 
 
 def _launch_v1(cfg: dict, grid, args: tuple, constexprs: dict) -> None:
@@ -293,22 +288,24 @@ def _launch_v1(cfg: dict, grid, args: tuple, constexprs: dict) -> None:
 
 
 def infonce_fwd(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, inv_temperature: float,
-                allow_tf32: bool, variant_name=None):
+                allow_tf32: bool, variant: str = "v1"):
     """q: (N, C), k: (N, C), queue: (K, C), rows contiguous. Returns (loss: fp32 0-dim,
     grad_q: fp32 (N, C) = dL/dq for an upstream gradient of 1, stats: fp32 (2,) = [acc1, acc5]).
-    variant_name: "v1" or "hopper" (module docstring); None reads $MOCO_FAST_TRITON_INFONCE."""
-    which = variant(variant_name)
+    variant: "v1", "hopper" or "hopper:<config>" (module docstring)."""
+    which, forced = _variant(variant)
     _check(q, k, queue)
     N, C = q.shape
     K = queue.shape[0]
     v1 = _config(N, C, K, queue, allow_tf32)
     if which == "v1" or C > _HOPPER_MAX_C:
         return _run(q, k, queue, inv_temperature, allow_tf32, v1, _launch_v1)
-    hop = _hopper()
-    cfg = hop.choose(q, k, queue, allow_tf32,
-                     run=lambda c: _run(q, k, queue, inv_temperature, allow_tf32, c, hop.launch_partial),
+    from . import infonce_hopper as hop  # imported only when the variant asks for it
+    launch = functools.partial(hop.launch_partial, _infonce_partial_kernel)
+    sms = _sm_count(q.device) if q.is_cuda else 0
+    cfg = hop.choose(q, k, queue, allow_tf32, sms, forced,
+                     run=lambda c: _run(q, k, queue, inv_temperature, allow_tf32, c, launch),
                      reference=lambda: _run(q, k, queue, inv_temperature, allow_tf32, v1, _launch_v1))
-    return _run(q, k, queue, inv_temperature, allow_tf32, cfg, hop.launch_partial)
+    return _run(q, k, queue, inv_temperature, allow_tf32, cfg, launch)
 
 
 def _run(q, k, queue, inv_temperature: float, allow_tf32: bool, cfg: dict, launch_partial):

@@ -6,7 +6,7 @@ tuner (a separate file because infonce.py would pass ~400 lines with them).
   - BLOCK_N >= 64 query rows per program, so the first dot's M can take a warpgroup MMA (wgmma needs 64
     rows per warpgroup); up to all 256 rows of a batch in one program for 16-bit queues, so the queue
     leaves L2 for the SMs once per row block, not 8 times as with v1's 32-row blocks.
-  - splits of the queue = the SM count (queried at run time, cached) / row blocks: one full wave.
+  - splits of the queue = the SM count (infonce.py's, queried at run time, cached) / row blocks: one wave.
   - the key tile comes through a TMA tensor descriptor where this Triton has host-side descriptors and
     the layout allows one (sm_90+, 16-byte aligned rows, BLOCK_C <= 256), else through pointers; it is
     loaded once and feeds both products (logits q.k^T and the weighted key sum p.k).
@@ -15,7 +15,7 @@ tuner (a separate file because infonce.py would pass ~400 lines with them).
     CUDA-graph capture by timing each on the call's own inputs; each candidate's result must agree with
     v1's (loosely: it catches a broken config, not an ulp) before it may win. The choice is logged and
     cached; during a capture with no cached choice the default config runs and nothing is timed.
-    MOCO_FAST_TRITON_INFONCE_CONFIG=<name> forces one config (tests, benchmarks).
+    The variant "hopper:<name>" forces one config (MOCO_FAST_TRITON_INFONCE_CONFIG=<name>; tests, benchmarks).
 
 Floors, H200, N=256 C=128 K=65,536 (fwd+bwd is this pass; the combine reads splits*N*(C+3)*4 bytes):
   MMA: 4*N*K*C = 8.6 GFLOP: 8.7 us at ~989 TFLOP/s (bf16/fp16 wgmma), 17.4 us at ~494 (TF32); the hi/lo
@@ -31,7 +31,6 @@ Floors, H200, N=256 C=128 K=65,536 (fwd+bwd is this pass; the combine reads spli
   such limit (the fast path).
 """
 import logging
-import os
 from typing import Callable, NamedTuple
 
 import torch
@@ -42,10 +41,7 @@ try:
 except ImportError:  # an older Triton: pointer loads only
     TensorDescriptor = None
 
-from .infonce import _infonce_partial_kernel  # v1's kernel, with the descriptor path on
-
 log = logging.getLogger("moco_fast")
-CONFIG_ENV = "MOCO_FAST_TRITON_INFONCE_CONFIG"
 
 
 class Config(NamedTuple):
@@ -78,7 +74,6 @@ CONFIGS = {
 }
 DEFAULTS = {"tf32": "tf32-n128-k32-w8-s4", "b16": "b16-n128-k64-w8-s3", "ieee": "ieee-n64-k32-w8-s2"}
 _CHOICES: dict = {}
-_SM_COUNT: dict = {}
 _WORKSPACE_CAP = 32 << 20  # one wave of 128-row programs at N=256, C=128 needs ~8.8 MB
 
 
@@ -92,13 +87,6 @@ def configs_for(fam: str) -> list:
     return [name for name in CONFIGS if name.startswith(fam + "-")]
 
 
-def _sm_count(device: torch.device) -> int:
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _SM_COUNT:
-        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return _SM_COUNT[idx]
-
-
 def _descriptor_ok(queue: torch.Tensor, block_c: int) -> bool:
     """TMA's rules: 16-byte aligned base and row pitch, box dims <= 256; sm_90+ on a GPU."""
     if TensorDescriptor is None or block_c > 256:
@@ -108,14 +96,14 @@ def _descriptor_ok(queue: torch.Tensor, block_c: int) -> bool:
     return not queue.is_cuda or torch.cuda.get_device_capability(queue.device)[0] >= 9
 
 
-def plan(name: str, N: int, C: int, K: int, queue: torch.Tensor) -> dict:
-    """The launch of one named config at this shape: blocks, splits (one wave of the SMs), descriptor."""
+def plan(name: str, N: int, C: int, K: int, queue: torch.Tensor, sms: int) -> dict:
+    """The launch of one named config at this shape: blocks, splits (one wave of the `sms` SMs), descriptor."""
     c = CONFIGS[name]
     block_c = max(16, triton.next_power_of_2(C))
     rb, kb = triton.cdiv(N, c.block_n), triton.cdiv(K, c.block_k)
     if queue.is_cuda:
         cap = max(1, _WORKSPACE_CAP // (N * (C + 3) * 4))
-        splits = max(1, min(kb, triton.cdiv(_sm_count(queue.device), rb), cap))
+        splits = max(1, min(kb, triton.cdiv(sms, rb), cap))
         warps = dict(num_warps=c.num_warps, num_stages=c.num_stages)
     else:  # interpreter: few programs, but more than one split so the merge runs
         splits, warps = min(kb, 3), {}
@@ -124,13 +112,14 @@ def plan(name: str, N: int, C: int, K: int, queue: torch.Tensor) -> dict:
                 comb_s=16 if queue.is_cuda else 2)
 
 
-def launch_partial(cfg: dict, grid, args: tuple, constexprs: dict) -> None:
-    """args are v1's partial-kernel arguments (q, k, queue, ws_acc, ...): the descriptor goes after queue."""
+def launch_partial(kernel, cfg: dict, grid, args: tuple, constexprs: dict) -> None:
+    """kernel: kernels/infonce.py's partial kernel (passed in: this file never imports that one), with the
+    descriptor path on; args are its arguments (q, k, queue, ws_acc, ...): the descriptor goes after queue."""
     queue = args[2]
     desc = queue  # unused by the kernel when USE_DESC is False
     if cfg["desc"]:
         desc = TensorDescriptor(queue, list(queue.shape), list(queue.stride()), [cfg["BLOCK_K"], cfg["BLOCK_C"]])
-    _infonce_partial_kernel[grid](*args[:3], desc, *args[3:], **constexprs, BLOCK_N=cfg["BLOCK_N"],
+    kernel[grid](*args[:3], desc, *args[3:], **constexprs, BLOCK_N=cfg["BLOCK_N"],
                                   BLOCK_K=cfg["BLOCK_K"], BLOCK_C=cfg["BLOCK_C"], USE_DESC=cfg["desc"],
                                   **cfg["warps"])
 
@@ -141,36 +130,35 @@ def _agrees(out, ref) -> bool:
                for a, b in zip(out[:2], ref[:2]))
 
 
-def choose(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, allow_tf32: bool,
+def choose(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, allow_tf32: bool, sms: int, forced: str,
            run: Callable[[dict], tuple], reference: Callable[[], tuple]) -> dict:
-    """The config for this call (see the module docstring). run(cfg) launches the op with a plan."""
+    """The config for this call (see the module docstring): `forced` when given, else the tuned one.
+    run(cfg) launches the op with a plan."""
     N, C = q.shape
     K = queue.shape[0]
-    forced = os.environ.get(CONFIG_ENV, "").strip()
     if forced:
         if forced not in CONFIGS:
-            raise ValueError(f"infonce_fwd: unknown Triton config {forced!r} ({CONFIG_ENV}); choose one of "
-                             f"{list(CONFIGS)}")
-        return plan(forced, N, C, K, queue)
+            raise ValueError(f"infonce_fwd: unknown Triton config {forced!r}; choose one of {list(CONFIGS)}")
+        return plan(forced, N, C, K, queue, sms)
     fam = family(queue, allow_tf32)
     key = (str(q.device), N, C, triton.next_power_of_2(K), q.dtype, k.dtype, queue.dtype, fam)
     if key in _CHOICES:
-        return plan(_CHOICES[key], N, C, K, queue)
+        return plan(_CHOICES[key], N, C, K, queue, sms)
     if not queue.is_cuda:  # the interpreter times nothing worth keeping
-        return plan(DEFAULTS[fam], N, C, K, queue)
+        return plan(DEFAULTS[fam], N, C, K, queue, sms)
     if torch.cuda.is_current_stream_capturing():  # never time inside a capture; tune on a later eager call
         log.info("moco_fast: infonce (triton, hopper) has no tuned config for %s during a CUDA-graph capture; "
                  "using %s", key, DEFAULTS[fam])
-        return plan(DEFAULTS[fam], N, C, K, queue)
-    _CHOICES[key] = _tune(key, fam, N, C, K, queue, run, reference)
-    return plan(_CHOICES[key], N, C, K, queue)
+        return plan(DEFAULTS[fam], N, C, K, queue, sms)
+    _CHOICES[key] = _tune(key, fam, N, C, K, queue, sms, run, reference)
+    return plan(_CHOICES[key], N, C, K, queue, sms)
 
 
-def _tune(key, fam, N, C, K, queue, run, reference) -> str:
+def _tune(key, fam, N, C, K, queue, sms, run, reference) -> str:
     ref = reference()
     times = {}
     for name in configs_for(fam):
-        cfg = plan(name, N, C, K, queue)
+        cfg = plan(name, N, C, K, queue, sms)
         try:
             if not _agrees(run(cfg), ref):
                 log.warning("moco_fast: infonce (triton, hopper) config %s disagrees with v1 on %s; skipped", name, key)

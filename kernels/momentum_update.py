@@ -11,8 +11,8 @@ Mixed dtypes share the launch: the dtype code picks the branch (one compiled ker
 is inlined; a program takes one). Offsets are int64, so tensors above 2**31 elements work.
 The same path runs under TRITON_INTERPRET=1 (integer-to-pointer casts work on host memory).
 
-Variants (MOCO_FAST_TRITON_EMA, or variant= in momentum_update_; "v1" is the default until a GPU run
-has timed and self-checked v2):
+Variants (the `variant` argument of momentum_update_; moco_fast/ops/variants.py chooses it); "v1" is the
+default until a GPU run has timed and self-checked v2:
   v1  every access masked by `offs < numel` on a pointer made from an integer: the compiler knows neither
       the pointer's alignment nor a constant mask, so every load and store is a scalar 4-byte access.
   v2  the same table, but a block that lies wholly inside its tensor takes an unmasked path, and the last
@@ -27,7 +27,6 @@ Floors on an H200 (ResNet-50: 161 tensors, 25.6M fp32): 12 bytes per element fro
 no reuse, so L2 (60 MB, smaller than the 307 MB) and shared memory (unused) add nothing; 3 fp32 FLOPs
 per element (77 MFLOP), nothing next to the bytes. The table costs 40 B per tensor + 8 B per block.
 """
-import os
 from collections import OrderedDict
 from typing import List, Optional
 
@@ -41,7 +40,6 @@ _CACHE_SIZE = 8
 _TABLES: "OrderedDict[tuple, tuple]" = OrderedDict()
 _PINNED: dict = {}  # tables a captured CUDA graph points to: never freed
 VARIANTS = ("v1", "v2")
-ENV = "MOCO_FAST_TRITON_EMA"
 _ALIGN = 16  # bytes of one vector access (the literal 16 in _ema_block_v2)
 
 
@@ -164,20 +162,13 @@ def _table(params_k: List[torch.Tensor], params_q: List[torch.Tensor]):
     return hit
 
 
-def variant(name: Optional[str] = None) -> str:
-    """The kernel variant: `name`, else $MOCO_FAST_TRITON_EMA, else "v1"."""
-    name = name or os.environ.get(ENV, "").strip() or "v1"
-    if name not in VARIANTS:
-        raise ValueError(f"momentum_update_: unknown Triton variant {name!r} ({ENV}); choose one of {VARIANTS}")
-    return name
-
-
 def momentum_update_(params_k: List[torch.Tensor], params_q: List[torch.Tensor],
-                     m_tensor: Optional[torch.Tensor], m: float, variant_name: Optional[str] = None) -> None:
+                     m_tensor: Optional[torch.Tensor], m: float, variant: str = "v1") -> None:
     """For every pair, p_k <- m * p_k + (1 - m) * p_q in place; m is read from m_tensor (one
     element on the params' device, read on the device) when given, else the float m.
-    variant_name: "v1" or "v2" (see the module docstring); None reads $MOCO_FAST_TRITON_EMA."""
-    which = variant(variant_name)
+    variant: "v1" or "v2" (see the module docstring)."""
+    if variant not in VARIANTS:
+        raise ValueError(f"momentum_update_: unknown Triton variant {variant!r}; choose one of {VARIANTS}")
     if len(params_k) == 0 and len(params_q) == 0:
         return
     _check(params_k)
@@ -187,7 +178,7 @@ def momentum_update_(params_k: List[torch.Tensor], params_q: List[torch.Tensor],
     m = float(m)
     args = (table, len(params_k), m_tensor if m_tensor is not None else table, m, 1.0 - m)
     with torch.cuda.device(table.device if table.is_cuda else -1):  # launch on the tensors' GPU
-        if which == "v2":
+        if variant == "v2":
             _momentum_update_v2_kernel[(n_blocks,)](*args, HAS_M_TENSOR=m_tensor is not None, ALIGNED=aligned,
                                                     BLOCK=_BLOCK, num_warps=8, enable_fp_fusion=False)
         else:

@@ -12,7 +12,7 @@ import logging
 
 import torch
 
-from moco_fast.ops import _backends, _self_check
+from moco_fast.ops import _backends, _self_check, variants
 
 # (op, variant) pairs worth a row: what the trainer and the benchmarks use; "tf32" only means something on a GPU
 VARIANTS = {
@@ -20,6 +20,8 @@ VARIANTS = {
                 ("float32", "float32", "bfloat16", "tf32"), ("bfloat16", "bfloat16", "bfloat16", "tf32")],
     "momentum_update": [("float32",), ("bfloat16",), ("float32", "float16")],
     "enqueue": [("float32", "float32"), ("bfloat16", "float32")],
+    "crop_resize": [("uint8",)],
+    "color_augment": [("float32", "float32"), ("float32", "bfloat16")],
 }
 
 
@@ -31,8 +33,8 @@ def rows(device: str) -> list[dict]:
     """One row per op, variant and backend on `device`."""
     kind = device.split(":")[0]
     out = []
-    for op, variants in VARIANTS.items():
-        for variant in variants:
+    for op, dtype_sets in VARIANTS.items():
+        for variant in dtype_sets:
             if kind == "cpu" and "tf32" in variant:
                 continue
             pick = _backends.resolve(op, "auto", device, variant)
@@ -60,6 +62,8 @@ def main(argv=None) -> None:
           f"{'built' + (' with CUDA kernels' if ext.with_cuda else ' (CPU kernels only)') if ext else 'not built: ' + err}")
     print(f"self-check: {'on' if _self_check.enabled() else 'off'} ({_self_check.ENV}); Triton interpreter: "
           f"{'on' if _backends.triton_interpreted() else 'off'}")
+    print("kernel variants (moco_fast/ops/variants.py): " + ", ".join(
+        f"{s.op}/{s.backend}={variants.variant(s.op, s.backend)} ({s.env})" for s in variants.SWITCHES))
     for device in args.device or devices():
         name = torch.cuda.get_device_name(device) if device.startswith("cuda") else "CPU"
         print(f"\n== {device}: {name}")

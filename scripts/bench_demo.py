@@ -38,7 +38,6 @@ LEVERS = {  # --levers: each on top of the demo now
     "+ contiguous, not channels_last": ["--no-channels-last"],
     "+ batch 128": ["-b", "128"],
     "+ global pooling (small_resnet_s2, the demo before)": ["-a", "small_resnet_s2"],
-    "+ last stage 128 wide (small_resnet_s2_w128)": ["-a", "small_resnet_s2_w128"],
 }
 
 

@@ -26,13 +26,8 @@ def seed():
 def fast_backends(op: str):
     """pytest.params of (device, backend) for every fast backend, skipped where it cannot run."""
     params = []
-    for device, backend in [("cpu", "cpu"), ("cpu", "triton"), ("cuda", "cuda"), ("cuda", "triton")]:
+    for device, backend, reason in _backends.fast_backends(op):
         marks = [pytest.mark.gpu] if device == "cuda" else []
-        reason = "no CUDA device" if device == "cuda" and not torch.cuda.is_available() else (
-            _backends.unusable_reason(op, backend, device))
-        if backend == "triton" and reason is None and not (
-                _backends.pathlib.Path(__file__).parents[1] / "kernels" / f"{op}.py").is_file():
-            reason = f"kernels/{op}.py is not written yet"
         if reason:
             marks.append(pytest.mark.skip(reason=reason))
         params.append(pytest.param(device, backend, marks=marks, id=f"{backend}-{device}"))

@@ -8,12 +8,13 @@ import torchvision.transforms.functional as TF
 
 from conftest import fast_backends, poison_allocator
 from moco_fast import ops
+from moco_fast.ops.augment import taps
 from moco_fast.reference import color_augment_ref, crop_resize_ref
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 ORDERS = torch.tensor(list(itertools.permutations(range(4))))        # all 24 ColorJitter orders: 24x4
 # the C++ CPU kernels, and Triton (interpreted on CPU tensors, compiled on CUDA); no CUDA C++ augment kernel
-KERNELS = [p for p in fast_backends("augment") if p.id != "cuda-cuda"]
+KERNELS = [p for p in fast_backends("crop_resize") if p.id != "cuda-cuda"]
 
 
 def packed_images(shapes, device="cpu"):
@@ -147,7 +148,8 @@ def test_color_augment_kernel_matches_reference(device, backend, gray_first, out
 def test_augment_opcheck_and_compile(device, backend):
     images, data, offsets, heights, widths = packed_images(SHAPES[:3], device)
     index = [t.to(device) for t in (offsets, heights, widths, BOXES[:3])]
-    torch.library.opcheck(torch.ops.moco_fast.crop_resize, (data, *index, 6, 5, 5, backend))
+    max_taps = (taps(int(BOXES[:3, 2].max()), 6), taps(int(BOXES[:3, 3].max()), 6))
+    torch.library.opcheck(torch.ops.moco_fast.crop_resize, (data, *index, 6, *max_taps, backend))
     x = torch.rand(4, 3, 5, 6, device=device)
     factors, order, jitter, gray, flip = color_params(4, device)
     for out_dtype, channels_last in [(torch.float32, True), (torch.float32, False)]:
@@ -165,8 +167,9 @@ def test_augment_opcheck_and_compile(device, backend):
 def test_augment_auto_and_errors():
     images, data, offsets, heights, widths = packed_images(SHAPES[:2])
     boxes = BOXES[:2]
-    assert "augment" in ops.OPS and ops.available_backends()["augment"][0] == "reference"
-    message = r"backend 'cuda' has no kernel for augment; use 'triton' \(CUDA tensors\), 'cpu' or 'reference'"
+    for op in ("crop_resize", "color_augment"):
+        assert op in ops.OPS and ops.available_backends()[op][0] == "reference"
+    message = r"backend 'cuda' has no kernel for crop_resize; use 'triton' \(CUDA tensors\), 'cpu' or 'reference'"
     with pytest.raises(RuntimeError, match=message):
         ops.crop_resize(data, offsets, heights, widths, boxes, 4, backend="cuda")
     with pytest.raises(ValueError, match=r"data must have dtype in \['torch.uint8'\]; got torch.float32"):
@@ -187,7 +190,7 @@ def test_augment_auto_and_errors():
     x = torch.rand(2, 3, 4, 4)
     factors, order, jitter, gray, flip = color_params(2)
     args = (factors, order, jitter, gray, flip, MEAN, STD, True)
-    with pytest.raises(RuntimeError, match="backend 'cuda' has no kernel for augment"):
+    with pytest.raises(RuntimeError, match="backend 'cuda' has no kernel for color_augment"):
         ops.color_augment(x, *args, backend="cuda")
     with pytest.raises(ValueError, match=r"x must be \(N, 3, H, W\); got shape \(2, 4, 4, 4\)"):
         ops.color_augment(torch.rand(2, 4, 4, 4), *args)
@@ -206,3 +209,49 @@ def test_augment_auto_and_errors():
     # mean and std may come as tensors (the data pipeline keeps them so)
     torch.testing.assert_close(ops.color_augment(x, *args[:5], torch.tensor(MEAN), torch.tensor(STD), True),
                                ops.color_augment(x, *args))
+
+
+@pytest.mark.parametrize("op, variant", [("crop_resize", ("uint8",)), ("color_augment", ("float32", "float32"))])
+@pytest.mark.parametrize("device, backend", KERNELS)
+def test_augment_self_check_passes_the_kernels_and_catches_a_wrong_one(device, backend, op, variant, monkeypatch,
+                                                                       caplog):
+    """Each augmentation op is self-checked like the others: its real kernel passes; one 0.1% off fails, `auto`
+    then serves the reference and says why, and asking for it by name raises."""
+    from moco_fast.ops import _backends, _self_check, augment
+    monkeypatch.delenv(_self_check.ENV, raising=False)
+    _backends.clear_caches()
+    assert _self_check.run(op, backend, device, variant).ok
+    real = getattr(augment, f"{op}_kernel")
+
+    def kernel(b):
+        fn = real(b)
+        if b != backend:
+            return fn
+        if op == "crop_resize":
+            return lambda *args: fn(*args) * 1.001
+        return lambda *args: (fn(*args), args[-1].mul_(1.001))[0]
+    monkeypatch.setattr(augment, f"{op}_kernel", kernel)
+    _backends.clear_caches()
+    result = _self_check.run(op, backend, device, variant)
+    assert not result.ok and "max error" in result.detail, result
+    if backend == "cpu":  # auto's first choice on CPU tensors
+        with caplog.at_level("WARNING", logger="moco_fast"):
+            assert _backends.resolve(op, "auto", device, variant) == "reference"
+        assert f"{op} backend 'cpu' failed its self-check" in caplog.text
+    with pytest.raises(RuntimeError, match=f"backend '{backend}' failed its run-time self-check"):
+        _backends.resolve(op, backend, device, variant)
+    _backends.clear_caches()
+
+
+def test_crop_resize_cpu_kernel_refuses_a_tap_bound_that_is_too_small():
+    """The bound sizes the Triton kernel's loops (a short one would truncate its filter), so the C++ kernel,
+    which sizes each crop's filter itself, refuses it as well: both kernels take and honour the same arguments."""
+    from moco_fast.ops import _backends
+    if _backends.unusable_reason("crop_resize", "cpu", "cpu") is not None:
+        pytest.skip("the C++ extension is not built")
+    images, data, offsets, heights, widths = packed_images(SHAPES[:2])
+    boxes = BOXES[:2]
+    bound = (taps(int(boxes[:, 2].max()), 4), taps(int(boxes[:, 3].max()), 4))
+    torch.ops.moco_fast.crop_resize_kernel(data, offsets, heights, widths, boxes, 4, *bound)
+    with pytest.raises(RuntimeError, match=r"box \d needs \d+ x \d+ filter taps; max_taps_y, max_taps_x = "):
+        torch.ops.moco_fast.crop_resize_kernel(data, offsets, heights, widths, boxes, 4, bound[0] - 1, bound[1])

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from conftest import fast_backends, poison_allocator
 from moco_fast import ops
-from moco_fast.ops import _backends, _self_check
+from moco_fast.ops import _self_check, variants
 from moco_fast.reference import infonce_ref
 
 T = 0.07
@@ -107,7 +107,8 @@ def test_infonce_queue_mutated_after_forward(device, backend):
 def test_infonce_opcheck(device, backend):
     q, k, queue = make_inputs(3, 16, 50, F32, F32, device)
     q.requires_grad_(True)
-    torch.library.opcheck(torch.ops.moco_fast.infonce, (q, k, queue, T, backend, False))
+    torch.library.opcheck(torch.ops.moco_fast.infonce, (q, k, queue, T, backend, False,
+                                                        variants.variant("infonce", backend)))
 
 
 @pytest.mark.parametrize("device, backend", fast_backends("infonce"))
@@ -226,13 +227,14 @@ def test_infonce_gradient_keeps_its_precision_when_the_positive_saturates(device
 # every config of the Triton "hopper" variant (the interpreter runs the same program for any config)
 
 def _hopper_module():
-    return _backends.triton_module("infonce_hopper")
+    from moco_fast.kernels import infonce_hopper
+    return infonce_hopper
 
 
 def hopper_configs():
     try:
         names = list(_hopper_module().CONFIGS)
-    except RuntimeError:  # no triton: the ids still collect
+    except ImportError:  # no triton: the ids still collect
         names = ["unavailable"]
     return [pytest.param(n, marks=pytest.mark.skipif(n == "unavailable", reason="no triton")) for n in names]
 
@@ -240,7 +242,11 @@ def hopper_configs():
 # N=1, C=1 and C=127 (pointer loads), C=24 < BLOCK_C with 96-byte rows (the descriptor path in fp32, its
 # column padding), N=130 (1-5 row blocks), K=1, K=300 (tails of 12 and 44 keys), K=257 (a tail of 1 key
 # after every block size, as K=4097 has, in a sixteenth of the interpreter's time)
-HOPPER_SHAPES = [(1, 127, 1), (130, 24, 300), (3, 1, 257)]
+# after every block size, as K=4097 has, in a sixteenth of the interpreter's time). Temperatures: C=1 rows are
+# +-1, so at T=0.2 the negatives' weights are e^-10 and dL/dq (~4e-12) is the cancellation of terms of ~1,
+# which a kernel streaming over the keys (any summation order, numpy's exp2 in the interpreter) cannot match
+# to 2x PyTorch's elementwise softmax-minus-one-hot; at T=1 the gradient is well-conditioned.
+HOPPER_SHAPES = [(1, 127, 1, T), (130, 24, 300, T), (3, 1, 257, 1.0)]
 
 
 @pytest.mark.parametrize("config", hopper_configs())
@@ -250,16 +256,16 @@ def test_infonce_triton_hopper_config(device, backend, config, monkeypatch):
     the 16-bit ones (the interpreter has no bf16 dots); forward, gradient, ranks, NaN-poisoned outputs."""
     hop = _hopper_module()
     monkeypatch.setenv("MOCO_FAST_TRITON_INFONCE", "hopper")
-    monkeypatch.setenv(hop.CONFIG_ENV, config)
+    monkeypatch.setenv(variants.HOPPER_CONFIG_ENV, config)
     dtype = F16 if config.startswith("b16") else F32
-    for N, C, K in HOPPER_SHAPES:
+    for N, C, K, temperature in HOPPER_SHAPES:
         q, k, queue = make_inputs(N, C, K, dtype, dtype, device)
-        plan = hop.plan(config, N, C, K, queue)
+        plan = hop.plan(config, N, C, K, queue, sms=0)
         assert plan["desc"] == (hop.CONFIGS[config].desc and (C * queue.element_size()) % 16 == 0), plan
-        exact_loss, exact_grad, exact_stats = run(q.double(), k.double(), queue.double(), "reference")
-        native_loss, native_grad, _ = run(q, k, queue, "reference")
+        exact_loss, exact_grad, exact_stats = run(q.double(), k.double(), queue.double(), "reference", temperature)
+        native_loss, native_grad, _ = run(q, k, queue, "reference", temperature)
         poison_allocator(device)
-        loss, grad, stats = run(q, k, queue, backend)
+        loss, grad, stats = run(q, k, queue, backend, temperature)
         assert_within_torch_error(loss, exact_loss, native_loss, 1e-6, f"loss {config} {N, C, K}")
         assert_within_torch_error(grad, exact_grad, native_grad, 1e-6, f"grad {config} {N, C, K}")
         if dtype == F32:
@@ -271,17 +277,22 @@ def test_infonce_triton_variant_names(monkeypatch):
     """The default is v1 (until a GPU run confirms hopper); unknown names are errors, never a fallback."""
     pytest.importorskip("triton")
     hop = _hopper_module()
-    module = _backends.triton_module("infonce")
+    from moco_fast.kernels import infonce as module
     monkeypatch.delenv("MOCO_FAST_TRITON_INFONCE", raising=False)
-    assert module.variant() == "v1"
+    monkeypatch.delenv(variants.HOPPER_CONFIG_ENV, raising=False)
+    assert variants.variant("infonce", "triton") == "v1"
     q, k, queue = make_inputs(2, 8, 5, F32, F32, "cpu")
     monkeypatch.setenv("MOCO_FAST_TRITON_INFONCE", "fast")
-    with pytest.raises(ValueError, match=r"unknown Triton variant 'fast' \(MOCO_FAST_TRITON_INFONCE\)"):
-        module.infonce_fwd(q, k, queue, 1 / T, False)
+    with pytest.raises(ValueError, match=r"unknown infonce variant 'fast' for backend 'triton' "
+                                         r"\(MOCO_FAST_TRITON_INFONCE\)"):
+        ops.infonce(q, k, queue, T, backend="triton")
+    with pytest.raises(ValueError, match=r"unknown Triton variant 'fast'"):
+        module.infonce_fwd(q, k, queue, 1 / T, False, "fast")
     monkeypatch.setenv("MOCO_FAST_TRITON_INFONCE", "hopper")
-    monkeypatch.setenv(hop.CONFIG_ENV, "n999")
+    monkeypatch.setenv(variants.HOPPER_CONFIG_ENV, "n999")
+    assert variants.variant("infonce", "triton") == "hopper:n999"
     with pytest.raises(ValueError, match=r"unknown Triton config 'n999'"):
-        module.infonce_fwd(q, k, queue, 1 / T, False)
+        module.infonce_fwd(q, k, queue, 1 / T, False, "hopper:n999")
     assert set(hop.DEFAULTS.values()) <= set(hop.CONFIGS)
     assert all(hop.configs_for(f) for f in ("tf32", "ieee", "b16"))
 
@@ -316,7 +327,7 @@ def test_infonce_triton_hopper_tuning_skips_wrong_configs_and_logs_its_choice(mo
     monkeypatch.setattr(hop.triton.testing, "do_bench", do_bench)
     queue = torch.randn(64, 8)
     with caplog.at_level("INFO", logger="moco_fast"):
-        best = hop._tune("key", "tf32", 4, 8, 64, queue, run_cfg, lambda: ref)
+        best = hop._tune("key", "tf32", 4, 8, 64, queue, 132, run_cfg, lambda: ref)
     assert best == names[2], best
     assert f"picked {names[2]}" in caplog.text and f"config {wrong} disagrees" in caplog.text
     assert f"config {broken} failed" in caplog.text
@@ -340,7 +351,8 @@ def test_infonce_variant_opcheck_and_compile(device, backend, switch, variant, p
     torch.set_float32_matmul_precision(precision)
     try:
         q, k, queue = make_inputs(6, 32, 100, F32, F32, device)
-        torch.library.opcheck(torch.ops.moco_fast.infonce, (q.clone().requires_grad_(True), k, queue, T, backend, True))
+        torch.library.opcheck(torch.ops.moco_fast.infonce, (q.clone().requires_grad_(True), k, queue, T, backend, True,
+                                                            variants.variant("infonce", backend)))
         compiled = torch.compile(lambda q: ops.infonce(q, k, queue, T, backend=backend), fullgraph=True)
         qc = q.clone().requires_grad_(True)
         loss = compiled(qc)
@@ -402,10 +414,12 @@ def test_infonce_cuda_variant(device, backend, variant, dtype, queue_dtype, floo
 
 @pytest.mark.parametrize("device, backend", [p for p in fast_backends("infonce") if p.values[1] == "cuda"])
 def test_infonce_cuda_variant_names(device, backend, monkeypatch):
-    """An unknown variant is an error naming the switch, never a fallback."""
+    """An unknown variant is an error naming the switch (or, passed to the launcher, the name), never a fallback."""
     q, k, queue = make_inputs(2, 8, 5, F32, F32, device)
+    with pytest.raises(RuntimeError, match=r"unknown CUDA variant 'v3'"):
+        torch.ops.moco_fast.infonce_kernel(q, k, queue, 1 / T, False, "v3")
     monkeypatch.setenv("MOCO_FAST_CUDA_INFONCE", "v3")
-    with pytest.raises(RuntimeError, match=r"unknown CUDA variant 'v3' \(MOCO_FAST_CUDA_INFONCE\)"):
-        torch.ops.moco_fast.infonce_fwd(q, k, queue, 1 / T, False)
+    with pytest.raises(ValueError, match=r"unknown infonce variant 'v3' for backend 'cuda' \(MOCO_FAST_CUDA_INFONCE\)"):
+        ops.infonce(q, k, queue, T, backend=backend)
 
 

@@ -5,7 +5,7 @@ import torchvision
 
 from conftest import fast_backends
 from moco_fast import ops
-from moco_fast.ops import _backends
+from moco_fast.ops import variants
 from moco_fast.ops.momentum_update import kernel
 from moco_fast.reference import momentum_update_ref_
 
@@ -79,7 +79,7 @@ def test_momentum_update_triton_misaligned_and_block_edges(device, backend, trit
         before = [b.clone() for b in base_k]
         expected = [p.clone() for p in params_k]
         momentum_update_ref_(expected, params_q, 0.9)
-        kernel(backend)(params_k, params_q, None, 0.9)
+        kernel(backend)(params_k, params_q, None, 0.9, variants.variant("momentum_update", backend))
         for got, want, b, old, n in zip(params_k, expected, base_k, before, sizes):
             assert torch.equal(got, want), (off, n)
             rest = torch.ones(n + 1, dtype=torch.bool)
@@ -89,9 +89,13 @@ def test_momentum_update_triton_misaligned_and_block_edges(device, backend, trit
 
 def test_momentum_update_triton_unknown_variant(monkeypatch):
     pytest.importorskip("triton")
+    from moco_fast.kernels.momentum_update import momentum_update_
+    with pytest.raises(ValueError, match=r"unknown Triton variant 'v9'"):
+        momentum_update_([torch.zeros(1)], [torch.zeros(1)], None, 0.9, "v9")
     monkeypatch.setenv("MOCO_FAST_TRITON_EMA", "v9")
-    with pytest.raises(ValueError, match=r"unknown Triton variant 'v9' \(MOCO_FAST_TRITON_EMA\)"):
-        _backends.triton_module("momentum_update").momentum_update_([torch.zeros(1)], [torch.zeros(1)], None, 0.9)
+    with pytest.raises(ValueError, match=r"unknown momentum_update variant 'v9' for backend 'triton' "
+                                         r"\(MOCO_FAST_TRITON_EMA\)"):
+        ops.momentum_update_([torch.zeros(1)], [torch.zeros(1)], 0.9, backend="triton")
 
 
 @pytest.mark.parametrize("device, backend", fast_backends("momentum_update"))
@@ -109,8 +113,11 @@ def test_momentum_update_channels_last(device, backend):
 def test_momentum_update_opcheck_and_compile(device, backend):
     params_k, params_q = make_pairs([(5,), (3, 4)], torch.float32, device)
     m = torch.tensor([0.9], device=device)
-    torch.library.opcheck(torch.ops.moco_fast.momentum_update_, ([p.clone() for p in params_k], params_q, m, 0.0, backend))
-    torch.library.opcheck(torch.ops.moco_fast.momentum_update_, ([p.clone() for p in params_k], params_q, None, 0.9, backend))
+    name = variants.variant("momentum_update", backend)
+    torch.library.opcheck(torch.ops.moco_fast.momentum_update_, ([p.clone() for p in params_k], params_q, m, 0.0, backend,
+                                                                 name))
+    torch.library.opcheck(torch.ops.moco_fast.momentum_update_, ([p.clone() for p in params_k], params_q, None, 0.9,
+                                                                 backend, name))
     compiled = torch.compile(lambda pk, pq, m: ops.momentum_update_(pk, pq, m, backend=backend), fullgraph=True)
     expected = [p.clone() for p in params_k]
     for value in (0.9, 0.5):  # a new momentum value needs no recompilation: it is data

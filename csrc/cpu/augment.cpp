@@ -25,11 +25,18 @@ struct Axis {
   int64_t taps = 0;
 };
 
+// The filter taps along an axis whose crop is `crop` long, resized to `size`: ceil(2 * support) + 1 with
+// support = max(crop / size, 1), never more than the crop (moco_fast.ops.augment.taps bounds it).
+int64_t taps_of(int64_t crop, int64_t size) {
+  const float scale = static_cast<float>(crop) / static_cast<float>(size);
+  return std::min<int64_t>(static_cast<int64_t>(std::ceil(2.f * (scale >= 1.f ? scale : 1.f))) + 1, crop);
+}
+
 Axis axis_weights(int64_t crop, int64_t size) {
   const float scale = static_cast<float>(crop) / static_cast<float>(size);
   const float support = scale >= 1.f ? scale : 1.f, invscale = scale >= 1.f ? 1.f / scale : 1.f;
   Axis a;
-  a.taps = std::min<int64_t>(static_cast<int64_t>(std::ceil(2.f * support)) + 1, crop);
+  a.taps = taps_of(crop, size);
   a.xmin.resize(size), a.xsize.resize(size), a.w.assign(size * a.taps, 0.f);
   for (int64_t o = 0; o < size; ++o) {
     const float center = scale * (static_cast<float>(o) + 0.5f);
@@ -78,7 +85,8 @@ void crop_resize_one(const uint8_t* img, int64_t width, int64_t plane, int64_t t
 }
 
 at::Tensor crop_resize_cpu(const at::Tensor& data, const at::Tensor& offsets, const at::Tensor& heights,
-                           const at::Tensor& widths, const at::Tensor& boxes, int64_t size) {
+                           const at::Tensor& widths, const at::Tensor& boxes, int64_t size, int64_t max_taps_y,
+                           int64_t max_taps_x) {
   TORCH_CHECK(data.dim() == 1 && data.scalar_type() == at::kByte && data.is_contiguous(),
               "crop_resize_kernel: data must be contiguous 1-D uint8");
   const int64_t n = boxes.size(0);
@@ -93,6 +101,11 @@ at::Tensor crop_resize_cpu(const at::Tensor& data, const at::Tensor& offsets, co
     TORCH_CHECK(box[0] >= 0 && box[1] >= 0 && box[2] >= 1 && box[3] >= 1 && box[0] + box[2] <= ph[i] &&
                 box[1] + box[3] <= pw[i] && po[i] >= 0 && po[i] + 3 * ph[i] * pw[i] <= data.numel(),
                 "crop_resize_kernel: box ", i, " lies outside its image");
+    // the bound the Triton kernel's loops are sized by: a wrong one would truncate its filter there, so
+    // the C++ kernel (which sizes each crop's filter itself) refuses it too, and the two agree on inputs
+    TORCH_CHECK(taps_of(box[2], size) <= max_taps_y && taps_of(box[3], size) <= max_taps_x,
+                "crop_resize_kernel: box ", i, " needs ", taps_of(box[2], size), " x ", taps_of(box[3], size),
+                " filter taps; max_taps_y, max_taps_x = ", max_taps_y, ", ", max_taps_x, " are too small");
   }
   at::Tensor out = at::empty({n, 3, size, size}, data.options().dtype(at::kFloat));
   const uint8_t* src = data.data_ptr<uint8_t>();

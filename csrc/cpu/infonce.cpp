@@ -47,14 +47,15 @@ Partial scan_range(const at::Tensor& qs, const at::Tensor& pos, const at::Tensor
   return p;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> infonce_fwd_cpu(const at::Tensor& q, const at::Tensor& k,
-                                                               const at::Tensor& queue,
-                                                               double inv_temperature, bool allow_tf32) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> infonce_cpu(const at::Tensor& q, const at::Tensor& k,
+                                                           const at::Tensor& queue, double inv_temperature,
+                                                           bool allow_tf32, c10::string_view variant) {
   (void)allow_tf32;  // no TF32 on the CPU
+  TORCH_CHECK(variant.empty(), "infonce_kernel: the CPU kernel has no variants; got '", std::string(variant), "'");
   TORCH_CHECK(q.dim() == 2 && k.sizes() == q.sizes() && queue.dim() == 2 && queue.size(1) == q.size(1),
-              "infonce_fwd: expected q [N, C], k [N, C], queue [K, C]; got ", q.sizes(), ", ", k.sizes(),
+              "infonce_kernel: expected q [N, C], k [N, C], queue [K, C]; got ", q.sizes(), ", ", k.sizes(),
               ", ", queue.sizes());
-  TORCH_CHECK(queue.stride(1) == 1 && queue.stride(0) == queue.size(1), "infonce_fwd: queue must be contiguous");
+  TORCH_CHECK(queue.stride(1) == 1 && queue.stride(0) == queue.size(1), "infonce_kernel: queue must be contiguous");
   const bool f64 = q.scalar_type() == at::kDouble || k.scalar_type() == at::kDouble ||
                    queue.scalar_type() == at::kDouble;
   const auto acc_type = f64 ? at::kDouble : at::kFloat;
@@ -104,4 +105,4 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> infonce_fwd_cpu(const at::Tensor&
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(moco_fast, CPU, m) { m.impl("infonce_fwd", &infonce_fwd_cpu); }
+TORCH_LIBRARY_IMPL(moco_fast, CPU, m) { m.impl("infonce_kernel", &infonce_cpu); }

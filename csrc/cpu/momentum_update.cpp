@@ -22,7 +22,7 @@ void ema_span(scalar_t* __restrict__ pk, const scalar_t* __restrict__ pq, int64_
   }
 }
 
-// fp32, the common case, compiled for AVX-512, AVX2 and baseline x86-64 and picked at load time
+// fp32, the common case, compiled for AVX2 and baseline x86-64 and picked at load time
 // (no FMA: -ffp-contract=off keeps the two roundings of the reference).
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 __attribute__((target_clones("avx2", "default")))

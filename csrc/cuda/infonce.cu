@@ -7,16 +7,14 @@
 //   2. infonce_combine_kernel, one CTA per row: merges the splits in a fixed order, then the positive
 //      (logit pos_i, weight 1, key k_i) -> dL/dq_i, loss_i, above_i.
 //   3. infonce_finalize_kernel, one CTA: mean loss and [acc1, acc5], fixed-order sums.
-// Two engines for kernel 1, chosen per call by MOCO_FAST_CUDA_INFONCE (read at every call, so one process
-// can time both; an unknown name is an error):
+// Two engines for kernel 1, chosen per call by the variant argument (moco_fast/ops/variants.py reads
+// MOCO_FAST_CUDA_INFONCE at every call, so one process can time both; an unknown name is an error):
 //   v1 (default)  infonce_v1.cuh: WMMA, 4 warps, Q and the scores staged in shared memory, 3 barriers/tile
 //   v2            infonce_v2.cuh: mma.sync with Q, S, P and O in registers, 8 warps, 3-stage cp.async
 //                 ring, 1 barrier per 64-key tile. Covers C <= 128 on the MMA paths (16-bit, TF32);
 //                 every other call (C > 128, fp32 without allow_tf32) runs v1's kernel.
 // Both write the same partial layout, so steps 2 and 3 are shared. fp64 inputs are rejected (use the cpu
 // or reference backend). Needs sm_80+ (cp.async, bf16/tf32 MMA).
-#include <cstdlib>
-#include <cstring>
 #include <limits>
 
 #include "infonce_v1.cuh"
@@ -94,40 +92,40 @@ __global__ void __launch_bounds__(256) infonce_finalize_kernel(const float* __re
   if (threadIdx.x == 0) *loss = sl[0] / n, stats[0] = s1[0] / n, stats[1] = s5[0] / n;
 }
 
-// MOCO_FAST_CUDA_INFONCE: unset, "" or "v1" -> v1, "v2" -> v2; anything else is an error, never a fallback.
-bool use_v2() {
-  const char* v = std::getenv("MOCO_FAST_CUDA_INFONCE");
-  if (v == nullptr || v[0] == '\0' || std::strcmp(v, "v1") == 0) return false;
-  TORCH_CHECK(std::strcmp(v, "v2") == 0, "infonce_fwd: unknown CUDA variant '", v,
-              "' (MOCO_FAST_CUDA_INFONCE); choose one of ('v1', 'v2')");
-  return true;
+// The variant argument (moco_fast/ops/variants.py reads the switch): "v1" or "v2"; anything else is an error,
+// never a fallback.
+bool use_v2(c10::string_view variant) {
+  TORCH_CHECK(variant == "v1" || variant == "v2", "infonce_kernel: unknown CUDA variant '", std::string(variant),
+              "'; choose one of ('v1', 'v2')");
+  return variant == "v2";
 }
 
 int in_type(const at::Tensor& t, const char* name) {
   const auto dt = t.scalar_type();
-  TORCH_CHECK(dt != at::kDouble, "infonce_fwd: ", name, " is float64, which the CUDA kernel does not support; ",
+  TORCH_CHECK(dt != at::kDouble, "infonce_kernel: ", name, " is float64, which the CUDA kernel does not support; ",
               "use the cpu or reference backend, or cast to float32");
-  TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf, "infonce_fwd: ", name,
+  TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf, "infonce_kernel: ", name,
               " must be float32, bfloat16 or float16; got ", dt);
   return dt == at::kBFloat16 ? kInBF16 : dt == at::kHalf ? kInF16 : kInF32;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> infonce_fwd_cuda(const at::Tensor& q, const at::Tensor& k,
-                                                                const at::Tensor& queue, double inv_temperature,
-                                                                bool allow_tf32) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> infonce_cuda(const at::Tensor& q, const at::Tensor& k,
+                                                            const at::Tensor& queue, double inv_temperature,
+                                                            bool allow_tf32, c10::string_view variant) {
+  const bool v2_asked = use_v2(variant);
   TORCH_CHECK(q.dim() == 2 && k.sizes() == q.sizes() && queue.dim() == 2 && queue.size(1) == q.size(1),
-              "infonce_fwd: expected q [N, C], k [N, C], queue [K, C]; got ", q.sizes(), ", ", k.sizes(), ", ",
+              "infonce_kernel: expected q [N, C], k [N, C], queue [K, C]; got ", q.sizes(), ", ", k.sizes(), ", ",
               queue.sizes());
-  TORCH_CHECK(queue.is_contiguous(), "infonce_fwd: queue must be contiguous");
+  TORCH_CHECK(queue.is_contiguous(), "infonce_kernel: queue must be contiguous");
   TORCH_CHECK(q.is_cuda() && k.device() == q.device() && queue.device() == q.device(),
-              "infonce_fwd: q, k and queue must be on one CUDA device; got ", q.device(), ", ", k.device(), ", ",
+              "infonce_kernel: q, k and queue must be on one CUDA device; got ", q.device(), ", ", k.device(), ", ",
               queue.device());
-  TORCH_CHECK(q.size(1) <= 1024, "infonce_fwd: the CUDA kernel supports C <= 1024; got C = ", q.size(1));
+  TORCH_CHECK(q.size(1) <= 1024, "infonce_kernel: the CUDA kernel supports C <= 1024; got C = ", q.size(1));
   Params p{};
   p.qt = in_type(q, "q"), p.kt = in_type(k, "k"), p.vt = in_type(queue, "queue");
   c10::cuda::CUDAGuard guard(q.device());
   TORCH_CHECK(moco_fast_cuda::device_attribute(cudaDevAttrComputeCapabilityMajor, q.get_device()) >= 8,
-              "infonce_fwd: the CUDA kernel needs compute capability 8.0 or newer");
+              "infonce_kernel: the CUDA kernel needs compute capability 8.0 or newer");
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const auto opts = q.options().dtype(at::kFloat);
   p.N = q.size(0), p.K = queue.size(0), p.C = static_cast<int>(q.size(1));
@@ -143,7 +141,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> infonce_fwd_cuda(const at::Tensor
 
   at::Tensor ws;  // K = 0: no partials (splits = 0), the combine starts and ends at the positive
   if (p.K > 0) {
-    if (use_v2() && v2::handles(p, allow_tf32))
+    if (v2_asked && v2::handles(p, allow_tf32))
       ws = v2::dispatch(p, queue, allow_tf32, stream);
     else
       ws = p.C <= 128   ? v1::dispatch_engine<128>(p, queue, allow_tf32, stream)
@@ -167,4 +165,4 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> infonce_fwd_cuda(const at::Tensor
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(moco_fast, CUDA, m) { m.impl("infonce_fwd", &infonce_fwd_cuda); }
+TORCH_LIBRARY_IMPL(moco_fast, CUDA, m) { m.impl("infonce_kernel", &infonce_cuda); }

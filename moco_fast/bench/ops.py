@@ -21,7 +21,7 @@ from moco_fast import ops
 from moco_fast.bench.timing import copy_bandwidth_gbps, host_seconds, matmul_tflops, peak_extra_mib, time_op
 from moco_fast.data.batch_augment import sample_params
 from moco_fast.ops.momentum_update import kernel as momentum_update_kernel
-from moco_fast.ops._backends import unusable_reason
+from moco_fast.ops import _backends, variants
 from moco_fast.reference import enqueue_ref_, infonce_ref, momentum_update_ref_
 
 T = 0.2
@@ -29,16 +29,14 @@ T = 0.2
 
 def fast_backends(op: str, device: str) -> list[str]:
     """Fast backends that really run on this device (the Triton interpreter is no benchmark)."""
-    names = ["cpu"] if device == "cpu" else ["cuda", "triton"]
-    return [b for b in names if unusable_reason(op, b, device) is None]
+    return [b for d, b, reason in _backends.fast_backends(op)
+            if d == device and reason is None and not (d == "cpu" and b == "triton")]
 
 
-# Kernel variants timed side by side as providers "<backend>[<variant>]" (kernels/infonce.py,
-# kernels/momentum_update.py, csrc/cuda/infonce.cu): the environment switch each one sets while it runs
-VARIANT_ENV = {("triton", "infonce"): "MOCO_FAST_TRITON_INFONCE", ("triton", "momentum_update"): "MOCO_FAST_TRITON_EMA",
-               ("cuda", "infonce"): "MOCO_FAST_CUDA_INFONCE"}
-VARIANTS = {("triton", "infonce"): ("v1", "hopper"), ("triton", "momentum_update"): ("v1", "v2"),
-            ("cuda", "infonce"): ("v1", "v2")}
+# Kernel variants timed side by side as providers "<backend>[<variant>]": each switch of variants.SWITCHES
+# is set while its provider runs
+VARIANT_ENV = {(s.backend, s.op): s.env for s in variants.SWITCHES}
+VARIANTS = {(s.backend, s.op): s.names for s in variants.SWITCHES}
 
 
 @contextlib.contextmanager
@@ -241,7 +239,7 @@ def bench_augment(device: str, quick: bool = False, copy_gbps: float = 0.0, vari
         return ops.color_augment(x, *color_args, mean, std, False, out_dtype=torch.bfloat16, backend=backend)
 
     rows, ref_time = [], None
-    for provider in ["reference"] + fast_backends("augment", device):
+    for provider in ["reference"] + fast_backends("crop_resize", device):
         # the per-sample parameters travel from the host each call (a pageable copy): not capturable;
         # the reference reads them back per image (int(offsets[i]) on the device): a sync
         kind = "sync" if provider == "reference" else "eager"
@@ -279,9 +277,9 @@ def bench_host(device: str, quick: bool = False) -> list[dict]:
             rows.append(_host_row("momentum_update", label, backend, lambda b=backend: ops.momentum_update_(
                 params_k, params_q, 0.999, backend=b), device, quick))
         for backend in fast_backends("momentum_update", device):
-            kernel = momentum_update_kernel(backend)
+            kernel, name = momentum_update_kernel(backend), variants.variant("momentum_update", backend)
             rows.append(_host_row("momentum_update", label, f"{backend} kernel only",
-                                  lambda f=kernel: f(params_k, params_q, None, 0.999), device, quick))
+                                  lambda f=kernel, v=name: f(params_k, params_q, None, 0.999, v), device, quick))
     queue, keys = torch.randn(4096, 64, device=device), torch.randn(8, 64, device=device)
     ptr = torch.zeros(1, dtype=torch.long, device=device)
     for backend in ["reference"] + fast_backends("enqueue", device):

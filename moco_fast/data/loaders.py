@@ -10,6 +10,7 @@ Every batch is (samples, targets, skipped paths); every order comes from samplin
 """
 from __future__ import annotations
 
+import logging
 import random
 from typing import Any, Sequence
 
@@ -21,6 +22,8 @@ from moco_fast.config import check_data_fits
 from moco_fast.data.batch_augment import BatchAugment
 from moco_fast.data.datasets import DataError, Source, build_dataset
 from moco_fast.data.device import device_loader
+
+log = logging.getLogger("moco_fast")
 from moco_fast.data.pil import TwoCropsTransform, eval_transform, linear_transform, recipe_transform
 from moco_fast.data.recipes import recipe_name
 from moco_fast.data.sampling import EpochSampler, SeededSamples
@@ -106,7 +109,11 @@ def train_loader(cfg, source: Source, info, seed: int, out_dtype: torch.dtype = 
     check_data_fits(cfg, len(dataset), info.world_size)
     sampler = EpochSampler(dataset, cfg.batch_size // info.world_size, seed, info.rank, info.world_size)
     if on_device:
-        backend = "auto" if cfg.backend == "cuda" else cfg.backend  # no CUDA C++ augment kernel
+        backend = cfg.backend
+        if backend == "cuda":  # no CUDA C++ augment kernel: say what serves instead
+            backend = "auto"
+            log.info("moco_fast: --backend cuda: crop_resize and color_augment have no CUDA C++ kernel; "
+                     "the data path uses backend 'auto' (Triton on CUDA tensors)")
         augment = BatchAugment(recipe, spec["image_size"], spec["mean"], spec["std"], out_dtype, cfg.channels_last,
                                backend, cfg.crop_scale)
         return device_loader(dataset, sampler, cfg.workers, info.device, augment), sampler

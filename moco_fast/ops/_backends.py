@@ -1,32 +1,29 @@
-"""Which backends exist on this machine, which one serves a call, and where each op's kernels live.
+"""Which backends exist on this machine, which one serves a call, and the registry of each op's kernels.
 
-Every op file (ops/<op>.py) registers its backend table here: the backends `auto` tries per device type
-and its `Kernel`s, each naming the C++ op and the Triton launcher it calls. Nothing is probed at import
-time: the C++ extension, Triton and CUDA are looked at on first use, so importing moco_fast works on any
-machine (the reference backend always runs).
+Every op file (ops/<op>.py) registers its table here: backend -> the kernel function that backend runs, each
+reached by a plain import (the C++ ops through torch.ops.moco_fast once the extension is loaded, the Triton
+launchers from moco_fast.kernels on first use). `auto`'s order and the kernel variants live in variants.py.
+Nothing is probed at import time: the C++ extension, Triton and CUDA are looked at on first use, so
+importing moco_fast works on any machine (the reference backend always runs).
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import importlib
 import importlib.util
 import logging
 import os
-import pathlib
-import sys
 from typing import Callable
 
 import torch
+
+from moco_fast.ops import variants
 
 log = logging.getLogger("moco_fast")
 
 BACKENDS = ("reference", "cpu", "cuda", "triton")
 BUILD_HINT = ("build it from the checkout with `python setup.py build_ext --inplace` "
               "or `pip install --no-build-isolation -e .`")
-# the kernels' variant switches (kernels/infonce.py, kernels/momentum_update.py, csrc/cuda/infonce.cu)
-KERNEL_VARIANT_ENVS = ("MOCO_FAST_TRITON_INFONCE", "MOCO_FAST_TRITON_INFONCE_CONFIG", "MOCO_FAST_TRITON_EMA",
-                       "MOCO_FAST_CUDA_INFONCE")
 
 
 # ------------------------------------------------------------------------------------- importing
@@ -44,71 +41,33 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on")
 
 
-def triton_module(name: str):
-    """kernels/<name>.py, imported as moco_fast.kernels.<name>: the installed package, or in a checkout the
-    top-level kernels/ folder registered under that name (never as `kernels`, another PyPI package's)."""
-    if importlib.util.find_spec("triton") is None:
-        raise RuntimeError("backend 'triton' needs the triton package: pip install triton")
-    if "moco_fast.kernels" not in sys.modules and importlib.util.find_spec("moco_fast.kernels") is None:
-        folder = pathlib.Path(__file__).resolve().parents[2] / "kernels"
-        spec = importlib.util.spec_from_file_location("moco_fast.kernels", folder / "__init__.py",
-                                                      submodule_search_locations=[str(folder)])
-        package = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = package
-        spec.loader.exec_module(package)
-    try:
-        return importlib.import_module(f"moco_fast.kernels.{name}")
-    except ModuleNotFoundError as err:
-        if err.name != f"moco_fast.kernels.{name}":
-            raise
-        raise RuntimeError(f"backend 'triton' has no kernel file kernels/{name}.py") from None
-
-
-@dataclasses.dataclass(frozen=True)
-class Kernel:
-    """Where one kernel lives on each backend, one layer below the custom op. A str names the C++ op
-    torch.ops.moco_fast.<name> (cpu, cuda) or the launcher <name> in kernels/<module>.py (triton); a
-    function is used as it is (an adapter, or the reference); None: no kernel on that backend."""
-    module: str
-    cpu: str | Callable | None
-    cuda: str | Callable | None
-    triton: str | None
-    reference: Callable
-
-    def __call__(self, backend: str) -> Callable:
-        entry = getattr(self, backend) if backend in BACKENDS else None
-        if entry is None:
-            raise RuntimeError(f"moco_fast: {self.module} has no kernel on backend {backend!r}")
-        if backend in ("cpu", "cuda"):
-            ext, err = extension()
-            if ext is None:
-                raise RuntimeError(f"backend '{backend}' needs the C++ extension moco_fast._C ({err}); {BUILD_HINT}")
-            return getattr(torch.ops.moco_fast, entry) if isinstance(entry, str) else entry
-        if backend == "triton":
-            return getattr(triton_module(self.module), entry)
-        return entry
-
-
 # --------------------------------------------------------------------------------- the op tables
-@dataclasses.dataclass(frozen=True)
-class Op:
-    auto: dict[str, tuple[str, ...]]  # device type -> the backends `auto` tries, best first
-    kernels: tuple[Kernel, ...]
+OPS: dict[str, dict[str, Callable]] = {}  # op -> backend -> kernel; filled by ops/<op>.py in import order
 
 
-OPS: dict[str, Op] = {}  # filled by ops/<op>.py, in import order (available_backends lists them so)
+def register(name: str, kernels: dict[str, Callable]) -> None:
+    """One op's backend table: backend -> the function one layer below its custom op (a backend it lacks is
+    left out)."""
+    OPS[name] = kernels
 
 
-def register(name: str, cuda_order: tuple[str, ...], *kernels: Kernel) -> None:
-    """One op's backend table: `auto` on CUDA tensors tries cuda_order, on CPU tensors cpu then reference."""
-    OPS[name] = Op({"cuda": cuda_order, "cpu": ("cpu", "reference")}, kernels)
+def kernel(op: str, backend: str) -> Callable:
+    """The kernel function of `op` on `backend`, after making sure the C++ extension is loaded for cpu/cuda."""
+    fn = OPS[op].get(backend)
+    if fn is None:
+        raise RuntimeError(f"moco_fast: {op} has no kernel on backend {backend!r}")
+    if backend in ("cpu", "cuda"):
+        ext, err = extension()
+        if ext is None:
+            raise RuntimeError(f"backend '{backend}' needs the C++ extension moco_fast._C ({err}); {BUILD_HINT}")
+    return fn
 
 
 def unusable_reason(op: str, backend: str, device_type: str) -> str | None:
     """None when `backend` can run `op` on tensors of `device_type`, else a message saying what is missing."""
     if backend == "reference":
         return None
-    if backend == "cuda" and op in OPS and any(k.cuda is None for k in OPS[op].kernels):
+    if backend == "cuda" and op in OPS and "cuda" not in OPS[op]:
         return f"backend 'cuda' has no kernel for {op}; use 'triton' (CUDA tensors), 'cpu' or 'reference'"
     if backend in ("cpu", "cuda"):
         ext, err = extension()
@@ -135,6 +94,19 @@ def unusable_reason(op: str, backend: str, device_type: str) -> str | None:
     return f"unknown backend '{backend}'; choose one of {('auto',) + BACKENDS}"
 
 
+# every (device type, fast backend) pair there is; Triton on CPU tensors is the interpreter (tests, not speed)
+FAST_PAIRS = (("cpu", "cpu"), ("cpu", "triton"), ("cuda", "cuda"), ("cuda", "triton"))
+
+
+def fast_backends(op: str) -> list[tuple[str, str, str | None]]:
+    """(device type, backend, None or why it cannot run here) for every fast pair of `op` (tests, benchmarks)."""
+    def reason(device: str, backend: str) -> str | None:
+        if device == "cuda" and not torch.cuda.is_available():
+            return "no CUDA device"
+        return unusable_reason(op, backend, device)
+    return [(device, backend, reason(device, backend)) for device, backend in FAST_PAIRS]
+
+
 def available_backends() -> dict[str, list[str]]:
     """Backends that can run on this machine, per op: CPU ones plus, when a GPU is visible, CUDA ones."""
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -145,20 +117,15 @@ def available_backends() -> dict[str, list[str]]:
 _RESOLVED: dict[tuple, str] = {}
 
 
-def kernel_variant_env() -> tuple[str, ...]:
-    """Part of the resolution and self-check keys: a process that switches a kernel variant (a benchmark
-    timing old and new side by side) self-checks the new one too."""
-    return tuple(os.environ.get(name, "") for name in KERNEL_VARIANT_ENVS)
-
-
 @torch.compiler.assume_constant_result  # run eagerly while tracing; the answer is a constant
 def resolve(op: str, backend: str, device, variant: tuple | None = None) -> str:
     """The concrete backend for a call on `device` (a torch.device, "cuda:0", or a bare device type); raises
     with the reason when the one asked for cannot run. With `variant` (the dtypes the call uses, and for
     infonce "tf32" or "ieee"; see _self_check) a fast backend must also pass its run-time self-check on
     that device for that variant first."""
-    key = (op, backend, device, variant, kernel_variant_env())
+    key = (op, backend, device, variant, variants.key())
     if key not in _RESOLVED:
+        variants.check(op)  # a misspelt switch is an error, not a failed self-check that auto would skip
         names = None if variant is None else tuple(str(v).removeprefix("torch.") for v in variant)
         _RESOLVED[key] = _resolve(op, backend, str(device), names)
     return _RESOLVED[key]
@@ -176,8 +143,7 @@ def self_check_failure(op: str, backend: str, device: str, variant: tuple[str, .
 def _resolve(op: str, backend: str, device: str, variant: tuple[str, ...] | None) -> str:
     device_type = device.split(":")[0]
     if backend == "auto":
-        table = OPS.get(op)
-        for candidate in table.auto.get(device_type, ("reference",)) if table else ("reference",):
+        for candidate in variants.auto_order(op, device_type):
             if unusable_reason(op, candidate, device_type) is not None:
                 continue
             failure = self_check_failure(op, candidate, device, variant)

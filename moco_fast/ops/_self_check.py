@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from moco_fast import reference
+from moco_fast.ops import variants
 
 ENV = "MOCO_FAST_SELF_CHECK"
 F64 = torch.float64
@@ -50,8 +51,7 @@ _RESULTS: dict[tuple, Result] = {}
 
 def run(op: str, backend: str, device: str, variant: tuple[str, ...]) -> Result:
     """The (cached) self-check of one key; variant names the dtypes (and TF32) the call will use."""
-    from moco_fast.ops._backends import kernel_variant_env
-    key = (op, backend, device, variant, kernel_variant_env())
+    key = (op, backend, device, variant, variants.key())
     if key not in _RESULTS:
         _RESULTS[key] = _run(op, backend, device, variant)
     return _RESULTS[key]
@@ -103,7 +103,7 @@ def check_infonce(backend: str, device: torch.device, variant: tuple[str, ...]) 
     exact = reference.infonce_fwd_ref(q, k, queue, inv_t, False)
     args = q.to(device, _dtype(q_dt)), k.to(device, _dtype(k_dt)), queue.to(device, _dtype(queue_dt))
     native = reference.infonce_fwd_ref(*args, inv_t, tf32)
-    ours = _kernel("infonce", backend)(*args, inv_t, tf32)
+    ours = _kernel("infonce", backend)(*args, inv_t, tf32, variants.variant("infonce", backend))
     floor = 1e-6 if F64 not in (args[0].dtype, args[2].dtype) else 1e-12
     return _compare([(name, ours[i], exact[i], error_bound(exact[i], native[i], floor))
                      for i, name in ((0, "loss"), (1, "dL/dq"))])
@@ -119,9 +119,10 @@ def check_momentum_update(backend: str, device: torch.device, variant: tuple[str
             pq.append(torch.randn(shape, generator=g).to(device, _dtype(name)))
     expected = [p.clone() for p in pk]
     reference.momentum_update_ref_(expected, pq, 0.99)
-    _kernel("momentum_update", backend)(pk, pq, None, 0.99)
+    kernel, name = _kernel("momentum_update", backend), variants.variant("momentum_update", backend)
+    kernel(pk, pq, None, 0.99, name)
     reference.momentum_update_ref_(expected, pq, 0.5)
-    _kernel("momentum_update", backend)(pk, pq, torch.tensor([0.5], dtype=F64, device=device), 0.0)
+    kernel(pk, pq, torch.tensor([0.5], dtype=F64, device=device), 0.0, name)
     return _compare([(f"params_k[{i}]", a, b.cpu(), None) for i, (a, b) in enumerate(zip(pk, expected))])
 
 
@@ -139,4 +140,60 @@ def check_enqueue(backend: str, device: torch.device, variant: tuple[str, ...]) 
     return _compare([("queue", queue, expected_queue, None), ("ptr", ptr, expected_ptr, None)])
 
 
-CHECKS = {"infonce": check_infonce, "momentum_update": check_momentum_update, "enqueue": check_enqueue}
+def _augment_kernel(op: str, backend: str):
+    from moco_fast.ops import augment  # the two augmentation ops share ops/augment.py
+    return getattr(augment, f"{op}_kernel")(backend)
+
+
+def check_crop_resize(backend: str, device: torch.device, variant: tuple[str, ...]) -> Result:
+    """Three images (one a single column), crops that shrink, keep and enlarge, 7-pixel outputs: within 1e-5
+    of the float64 math (the tests' tolerance for the fp32 kernels)."""
+    from moco_fast.ops.augment import taps
+    g = torch.Generator().manual_seed(0)
+    shapes, size = [(17, 23), (9, 1), (30, 12)], 7
+    boxes = torch.tensor([[2, 3, 15, 20], [0, 0, 9, 1], [5, 2, 4, 3]])
+    images = [torch.randint(0, 256, (3, h, w), generator=g, dtype=torch.uint8) for h, w in shapes]
+    heights, widths = torch.tensor([h for h, _ in shapes]), torch.tensor([w for _, w in shapes])
+    offsets = torch.cumsum(3 * heights * widths, 0) - 3 * heights * widths
+    exact = torch.stack([F.interpolate(img[None, :, t:t + h, l:l + w].double(), size=(size, size), mode="bilinear",
+                                       align_corners=False, antialias=True)[0] / 255
+                         for img, (t, l, h, w) in zip(images, boxes.tolist())])
+    args = [t.to(device) for t in (torch.cat([i.flatten() for i in images]), offsets, heights, widths, boxes)]
+    ours = _augment_kernel("crop_resize", backend)(*args, size, taps(30, size), taps(23, size))
+    return _compare([("crops", ours, exact, 1e-5)])
+
+
+def check_color_augment(backend: str, device: torch.device, variant: tuple[str, ...]) -> Result:
+    """12 samples of 5 x 7 pixels, random orders and factors, every flag on and off, grayscale before and after
+    the jitter; variant = (x dtype, out dtype). Within twice PyTorch's own error in x's dtype (at least 1e-5),
+    plus one unit in the last place of a 16-bit out dtype."""
+    x_dt, out_dt = (_dtype(n) for n in variant)
+    g = torch.Generator().manual_seed(0)
+    n = 12
+    x = torch.rand(n, 3, 5, 7, generator=g, dtype=F64)
+    factors = torch.cat([0.6 + 0.8 * torch.rand(n, 3, generator=g, dtype=F64),
+                         0.2 * torch.rand(n, 1, generator=g, dtype=F64) - 0.1], 1)
+    order = torch.stack([torch.randperm(4, generator=g) for _ in range(n)])
+    jitter, gray, flip = (torch.rand(3, n, generator=g) < 0.5).unbind(0)
+    mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+    pairs = []
+    for gray_first in (True, False):
+        params = (order, jitter, gray, flip, mean, std, gray_first)
+        exact = reference.color_augment_ref(x, factors, *params)
+        native = reference.color_augment_ref(x.to(x_dt), factors.to(x_dt), *params)
+        bound = max(1e-5, 2 * (native.double() - exact).abs().max().item())
+        if out_dt != torch.float32:  # one unit in the last place of the largest output: rounding to nearest
+            # costs half, and the conversion may truncate (the Triton interpreter's does)
+            bound += torch.finfo(out_dt).eps * 2.0 ** math.floor(math.log2(exact.abs().max().item()))
+        xk = x.to(device, x_dt)
+        if backend != "reference":  # what the op hands its fast kernels: fp32, contiguous
+            xk = xk.float().contiguous()
+        out = torch.empty(x.shape, dtype=out_dt, device=device)
+        tensors = [t.to(device) for t in (factors.to(xk.dtype), order, jitter, gray, flip)]
+        _augment_kernel("color_augment", backend)(xk, *tensors, mean, std, gray_first, out)
+        pairs.append((f"gray_first={gray_first}", out, exact, bound))
+    return _compare(pairs)
+
+
+CHECKS = {"infonce": check_infonce, "momentum_update": check_momentum_update, "enqueue": check_enqueue,
+          "crop_resize": check_crop_resize, "color_augment": check_color_augment}

@@ -1,9 +1,10 @@
-"""augment: the per-pixel stages of the MoCo augmentation, crop_resize then color_augment.
+"""crop_resize and color_augment: the per-pixel stages of the MoCo augmentation, two ops in one file.
 
-Both stages share the backend key "augment": one kernel file each (kernels/augment.py, csrc/cpu/augment.cpp),
-one test file, one benchmark case, so `auto`, the backends and their availability are the same for both.
+Two ops with the layers, keys and self-check of every other op: each has its own backend table, resolves per
+device and dtypes, and is self-checked before a fast backend serves it. They share a file because they share
+their kernel files (kernels/augment.py, csrc/cpu/augment.cpp), their test file and their benchmark case.
 Backends "triton" (CUDA tensors, or CPU ones in the interpreter), "cpu" (C++) and "reference"; no CUDA C++.
-Layers per stage: kernel -> launcher (torch.ops.moco_fast.crop_resize_kernel / color_augment_kernel_,
+Layers per op: kernel -> launcher (torch.ops.moco_fast.crop_resize_kernel / color_augment_kernel_,
 kernels/augment.py:crop_resize / color_augment_) -> custom op moco_fast::crop_resize / color_augment with its
 fake -> the public function. Spec: reference.crop_resize_ref, reference.color_augment_ref.
 """
@@ -20,25 +21,50 @@ from moco_fast.ops._checks import FLOAT_DTYPES, INDEX_DTYPES, check_tensor, fail
 Tensor = torch.Tensor
 
 
-def _crop_resize_cpu(data, offsets, heights, widths, boxes, size, max_taps_y, max_taps_x):
-    return torch.ops.moco_fast.crop_resize_kernel(data, offsets, heights, widths, boxes, size)  # sizes its own taps
+# crop_resize's kernel on each backend: (data, offsets, heights, widths, boxes, size, max_taps_y, max_taps_x)
+# -> (N, 3, size, size) fp32. The tap bounds size Triton's static loops; the C++ kernel checks them.
+def _crop_resize_cpp(data, offsets, heights, widths, boxes, size, max_taps_y, max_taps_x):  # csrc/cpu/augment.cpp
+    return torch.ops.moco_fast.crop_resize_kernel(data, offsets, heights, widths, boxes, size, max_taps_y, max_taps_x)
+
+
+def _crop_resize_triton(data, offsets, heights, widths, boxes, size, max_taps_y, max_taps_x):
+    from moco_fast.kernels.augment import crop_resize  # Triton is imported on first use, not with moco_fast
+    return crop_resize(data, offsets, heights, widths, boxes, size, max_taps_y, max_taps_x)
 
 
 def _crop_resize_ref(data, offsets, heights, widths, boxes, size, max_taps_y, max_taps_x):
     return reference.crop_resize_ref(data, offsets, heights, widths, boxes, size)
 
 
+# color_augment's kernel on each backend: (x, factors, order, jitter, gray, flip, mean, std, gray_first, out)
+# -> None, writing out
+def _color_augment_cpp(x, factors, order, jitter, gray, flip, mean, std, gray_first, out) -> None:
+    torch.ops.moco_fast.color_augment_kernel_(x, factors, order, jitter, gray, flip, mean, std, gray_first, out)
+
+
+def _color_augment_triton(x, factors, order, jitter, gray, flip, mean, std, gray_first, out) -> None:
+    from moco_fast.kernels.augment import color_augment_  # Triton is imported on first use only
+    color_augment_(x, factors, order, jitter, gray, flip, mean, std, gray_first, out)
+
+
 def _color_augment_ref_(x, factors, order, jitter, gray, flip, mean, std, gray_first, out) -> None:
     out.copy_(reference.color_augment_ref(x, factors, order, jitter, gray, flip, mean, std, gray_first))
 
 
-# the kernels on each backend: crop_resize (..., size, max_taps_y, max_taps_x) -> (N, 3, size, size) fp32;
-# color_augment_ (..., gray_first, out) -> None, writing out
-crop_resize_kernel = _backends.Kernel("augment", cpu=_crop_resize_cpu, cuda=None, triton="crop_resize",
-                                      reference=_crop_resize_ref)
-color_augment_kernel = _backends.Kernel("augment", cpu="color_augment_kernel_", cuda=None, triton="color_augment_",
-                                        reference=_color_augment_ref_)
-_backends.register("augment", ("triton", "reference"), crop_resize_kernel, color_augment_kernel)
+_backends.register("crop_resize", {"reference": _crop_resize_ref, "cpu": _crop_resize_cpp,
+                                   "triton": _crop_resize_triton})
+_backends.register("color_augment", {"reference": _color_augment_ref_, "cpu": _color_augment_cpp,
+                                     "triton": _color_augment_triton})
+
+
+def crop_resize_kernel(backend: str):
+    """The crop_resize kernel `backend` runs (the custom op and the self-check call it through here)."""
+    return _backends.kernel("crop_resize", backend)
+
+
+def color_augment_kernel(backend: str):
+    """The color_augment kernel `backend` runs (the custom op and the self-check call it through here)."""
+    return _backends.kernel("color_augment", backend)
 
 
 # ------------------------------------------------------------------------------------ crop_resize
@@ -111,7 +137,7 @@ def crop_resize(data: Tensor, offsets: Tensor, heights: Tensor, widths: Tensor, 
     check_crop_resize(data, offsets, heights, widths, boxes, size)
     if check_values and not torch.compiler.is_compiling():
         check_crop_resize_values(data, offsets, heights, widths, boxes)
-    name = _backends.resolve("augment", backend, data.device.type)
+    name = _backends.resolve("crop_resize", backend, data.device, (data.dtype,))
     if max_crop is None:
         max_crop = (boxes[:, 2].max(), boxes[:, 3].max()) if boxes.device.type == "cpu" else (
             heights.max(), widths.max())
@@ -205,7 +231,7 @@ def color_augment(x: Tensor, factors: Tensor, order: Tensor, jitter: Tensor, gra
     check_color_augment(x, factors, order, jitter, gray, flip, mean, std, out_dtype)
     if check_values and not torch.compiler.is_compiling():
         check_color_augment_values(factors, order)
-    name = _backends.resolve("augment", backend, x.device.type)
+    name = _backends.resolve("color_augment", backend, x.device, (x.dtype, out_dtype))
     params = [t.to(x.device, non_blocking=True) for t in (factors, order, jitter, gray, flip)]
     args = (x, *params, mean, std, bool(gray_first), out_dtype, bool(channels_last), name)
     return _color_augment(*args) if _backends.skips_dispatch(x) else color_augment_op(*args)

@@ -15,10 +15,22 @@ from moco_fast.ops._checks import check_tensor, fail
 Tensor = torch.Tensor
 OP = "enqueue_"
 
-# the kernel on each backend: (queue, ptr, keys) -> None, queue and ptr updated in place
-kernel = _backends.Kernel("enqueue", cpu="enqueue_kernel_", cuda="enqueue_kernel_", triton="enqueue_",
-                          reference=reference.enqueue_ref_)
-_backends.register("enqueue", ("cuda", "triton", "reference"), kernel)
+# The kernel on each backend, (queue, ptr, keys) -> None, queue and ptr updated in place.
+def _cpp(queue, ptr, keys) -> None:  # csrc/cpu/enqueue.cpp, csrc/cuda/enqueue.cu
+    torch.ops.moco_fast.enqueue_kernel_(queue, ptr, keys)
+
+
+def _triton(queue, ptr, keys) -> None:
+    from moco_fast.kernels.enqueue import enqueue_  # Triton is imported on first use, not with moco_fast
+    enqueue_(queue, ptr, keys)
+
+
+_backends.register("enqueue", {"reference": reference.enqueue_ref_, "cpu": _cpp, "cuda": _cpp, "triton": _triton})
+
+
+def kernel(backend: str):
+    """The kernel function `backend` runs (the custom op and the self-check call it through here)."""
+    return _backends.kernel("enqueue", backend)
 
 
 def check(queue, ptr, keys) -> None:

@@ -1,6 +1,6 @@
 """infonce: the mean InfoNCE loss against a queue of negatives, with dL/dq computed in the same pass.
 
-Layers: kernel (csrc/{cpu,cuda}/infonce.*, kernels/infonce.py) -> launcher (torch.ops.moco_fast.infonce_fwd,
+Layers: kernel (csrc/{cpu,cuda}/infonce.*, kernels/infonce.py) -> launcher (torch.ops.moco_fast.infonce_kernel,
 kernels/infonce.py:infonce_fwd) -> custom op moco_fast::infonce with its fake and autograd -> `infonce`.
 Spec: moco_fast.reference.infonce_ref (the public function), infonce_fwd_ref (the kernel).
 """
@@ -11,15 +11,33 @@ import math
 import torch
 
 from moco_fast import reference
-from moco_fast.ops import _backends
+from moco_fast.ops import _backends, variants
 from moco_fast.ops._checks import check_tensor, fail
 
 Tensor = torch.Tensor
 
-# the kernel on each backend: one pass over the queue gives (loss, dL/dq, [acc1, acc5])
-kernel = _backends.Kernel("infonce", cpu="infonce_fwd", cuda="infonce_fwd", triton="infonce_fwd",
-                          reference=reference.infonce_fwd_ref)
-_backends.register("infonce", ("triton", "cuda", "reference"), kernel)
+
+# The kernel on each backend, (q, k, queue, 1/T, allow_tf32, variant) -> (loss, dL/dq, [acc1, acc5]) in one
+# pass over the queue; variant is variants.variant("infonce", backend).
+def _cpp(q, k, queue, inv_temperature, allow_tf32, variant):  # csrc/cpu/infonce.cpp, csrc/cuda/infonce.cu
+    return torch.ops.moco_fast.infonce_kernel(q, k, queue, inv_temperature, allow_tf32, variant)
+
+
+def _triton(q, k, queue, inv_temperature, allow_tf32, variant):
+    from moco_fast.kernels.infonce import infonce_fwd  # Triton is imported on first use, not with moco_fast
+    return infonce_fwd(q, k, queue, inv_temperature, allow_tf32, variant)
+
+
+def _reference(q, k, queue, inv_temperature, allow_tf32, variant):
+    return reference.infonce_fwd_ref(q, k, queue, inv_temperature, allow_tf32)
+
+
+_backends.register("infonce", {"reference": _reference, "cpu": _cpp, "cuda": _cpp, "triton": _triton})
+
+
+def kernel(backend: str):
+    """The kernel function `backend` runs (the custom op and the self-check call it through here)."""
+    return _backends.kernel("infonce", backend)
 
 
 def check(q, k, queue, temperature) -> None:
@@ -38,16 +56,16 @@ def check(q, k, queue, temperature) -> None:
 
 
 def _infonce(q: Tensor, k: Tensor, queue: Tensor, temperature: float, backend: str,
-             allow_tf32: bool) -> tuple[Tensor, Tensor, Tensor]:
+             allow_tf32: bool, variant: str) -> tuple[Tensor, Tensor, Tensor]:
     """(mean loss, dL/dq for an upstream gradient of 1, [acc1, acc5]) in one pass over the queue."""
-    return kernel(backend)(q, k, queue, 1.0 / temperature, allow_tf32)
+    return kernel(backend)(q, k, queue, 1.0 / temperature, allow_tf32, variant)
 
 
 infonce_op = torch.library.custom_op("moco_fast::infonce", _infonce, mutates_args=())
 
 
 @infonce_op.register_fake
-def _(q, k, queue, temperature, backend, allow_tf32):
+def _(q, k, queue, temperature, backend, allow_tf32, variant):
     acc = reference.accum_dtype(q, k, queue)
     return q.new_empty((), dtype=acc), q.new_empty(q.shape, dtype=acc), q.new_empty((2,), dtype=torch.float32)
 
@@ -60,7 +78,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_loss, grad_grad_q, grad_stats):
     (grad_q,) = ctx.saved_tensors  # computed in the forward: the queue may have changed since
-    return (grad_loss * grad_q).to(ctx.q_dtype), None, None, None, None, None
+    return (grad_loss * grad_q).to(ctx.q_dtype), None, None, None, None, None, None
 
 
 infonce_op.register_autograd(_backward, setup_context=_setup_context)
@@ -82,7 +100,7 @@ def infonce(q: Tensor, k: Tensor, queue: Tensor, temperature: float, backend: st
     tf32 = _backends.allow_tf32()
     name = _backends.resolve("infonce", backend, q.device,
                              (q.dtype, k.dtype, queue.dtype, "tf32" if tf32 else "ieee"))
-    args = (q, k, queue, float(temperature), name, tf32)
+    args = (q, k, queue, float(temperature), name, tf32, variants.variant("infonce", name))
     direct = _backends.skips_dispatch(q, k, queue, differentiable=True)
     loss, _, stats = _infonce(*args) if direct else infonce_op(*args)
     if return_stats:

@@ -14,22 +14,41 @@ from typing import Optional
 import torch
 
 from moco_fast import reference
-from moco_fast.ops import _backends
+from moco_fast.ops import _backends, variants
 from moco_fast.ops._checks import FLOAT_DTYPES, check_tensor, dense, fail
 
 Tensor = torch.Tensor
 OP = "momentum_update_"
 
 
-def _reference(params_k, params_q, m_tensor, m) -> None:
+# The kernel on each backend, (params_k, params_q, m_tensor or None, m, variant) -> None, params_k updated in
+# place; variant is variants.variant("momentum_update", backend).
+def _cpp(params_k, params_q, m_tensor, m, variant) -> None:  # csrc/cpu/momentum_update.cpp, csrc/cuda/*.cu
+    torch.ops.moco_fast.momentum_update_kernel_(params_k, params_q, m_tensor, m)
+
+
+def _triton(params_k, params_q, m_tensor, m, variant) -> None:
+    from moco_fast.kernels.momentum_update import momentum_update_  # Triton is imported on first use only
+    momentum_update_(params_k, params_q, m_tensor, m, variant)
+
+
+def _reference(params_k, params_q, m_tensor, m, variant) -> None:
     reference.momentum_update_ref_(params_k, params_q, m if m_tensor is None else m_tensor)
 
 
-# the kernel on each backend: (params_k, params_q, m_tensor or None, m) -> None, params_k updated in place
-kernel = _backends.Kernel("momentum_update", cpu="momentum_update_kernel_", cuda="momentum_update_kernel_",
-                          triton="momentum_update_", reference=_reference)
-_backends.register("momentum_update", ("cuda", "triton", "reference"), kernel)
+_backends.register("momentum_update", {"reference": _reference, "cpu": _cpp, "cuda": _cpp, "triton": _triton})
 
+
+def kernel(backend: str):
+    """The kernel function `backend` runs (the custom op and the self-check call it through here)."""
+    return _backends.kernel("momentum_update", backend)
+
+# Three caches keyed by the same list of tensors, one per layer, each holding only what its layer needs:
+# here, that the pairs passed the checks (161 pairs cost more to check than the EMA itself); in
+# kernels/momentum_update.py and csrc/cuda/momentum_update.cu, the device table of addresses each kernel
+# reads (built once on the host and copied; a CUDA graph replays the copy's address, so those tables also
+# outlive captures). A kernel cannot use this layer's cache (kernels never import moco_fast.ops) nor the
+# other kernel's table (a different layout, in another language).
 _CHECKED: "OrderedDict[tuple, tuple]" = OrderedDict()  # pairs of lists already checked, LRU
 _CHECKED_SIZE = 8
 
@@ -93,9 +112,9 @@ def _check_momentum(m, device) -> None:
 
 
 def _momentum_update(params_k: list[Tensor], params_q: list[Tensor], m_tensor: Optional[Tensor], m: float,
-                     backend: str) -> None:
+                     backend: str, variant: str) -> None:
     """p_k <- m * p_k + (1 - m) * p_q for every pair, m read from m_tensor when it is given."""
-    kernel(backend)(params_k, params_q, m_tensor, m)
+    kernel(backend)(params_k, params_q, m_tensor, m, variant)
 
 
 momentum_update_op = torch.library.custom_op("moco_fast::momentum_update_", _momentum_update,
@@ -103,7 +122,7 @@ momentum_update_op = torch.library.custom_op("moco_fast::momentum_update_", _mom
 
 
 @momentum_update_op.register_fake
-def _(params_k, params_q, m_tensor, m, backend):
+def _(params_k, params_q, m_tensor, m, backend, variant):
     return None
 
 
@@ -121,7 +140,7 @@ def momentum_update_(params_k, params_q, m, backend: str = "auto") -> None:
         return
     name = _backends.resolve("momentum_update", backend, params_k[0].device, dtypes)
     m_tensor, m_float = (m, 0.0) if isinstance(m, torch.Tensor) else (None, float(m))
-    args = (params_k, params_q, m_tensor, m_float, name)
+    args = (params_k, params_q, m_tensor, m_float, name, variants.variant("momentum_update", name))
     if _backends.skips_dispatch(params_k[0]):
         _momentum_update(*args)
     else:

@@ -57,7 +57,7 @@ def test_bench_enqueue(benchmark, backend):
     timed(benchmark, fn)
 
 
-@pytest.mark.parametrize("backend", ["reference"] + fast_backends("augment", DEVICE))
+@pytest.mark.parametrize("backend", ["reference"] + fast_backends("crop_resize", DEVICE))
 def test_bench_augment(benchmark, backend):
     """Two 224 views' worth of pixels: crop-resize from 375x500 uint8, then colour to bf16 channels_last."""
     n, side, size = (256, (375, 500), 224) if ON_GPU else (16, (120, 160), 64)
