@@ -84,7 +84,8 @@ def infonce_cases(device: str, quick: bool, variants: bool = False):
             (32, 128, 65536, torch.float32, "high")]
 
 
-def _infonce_inputs(N, C, K, queue_dtype, device):
+def infonce_inputs(N, C, K, queue_dtype, device):
+    """q (N, C) requiring grad, k (N, C), queue (K, C) of queue_dtype: normalised rows, as the model gives."""
     q = F.normalize(torch.randn(N, C, device=device), dim=1).requires_grad_(True)
     k = F.normalize(torch.randn(N, C, device=device), dim=1)
     queue = F.normalize(torch.randn(K, C, device=device), dim=1).to(queue_dtype)
@@ -108,7 +109,7 @@ def bench_infonce(device: str, quick: bool = False, copy_gbps: float = 0.0, vari
     rows = []
     for i, (N, C, K, queue_dtype, precision) in enumerate(infonce_cases(device, quick, variants)):
         torch.set_float32_matmul_precision(precision)
-        q, k, queue = _infonce_inputs(N, C, K, queue_dtype, device)
+        q, k, queue = infonce_inputs(N, C, K, queue_dtype, device)
         flops = 4 * N * K * C
         mm_dtype = torch.bfloat16 if queue_dtype == torch.bfloat16 else torch.float32
         rate = matmul_tflops(device, mm_dtype, 512 if device == "cpu" or quick else 8192)
@@ -138,17 +139,21 @@ def bench_infonce(device: str, quick: bool = False, copy_gbps: float = 0.0, vari
 
 
 # -------------------------------------------------------------------------------- momentum_update
-def bench_momentum_update(device: str, quick: bool = False, copy_gbps: float = 0.0, variants: bool = False) -> list[dict]:
+def ema_inputs(device: str, quick: bool = False) -> tuple[list, list]:
+    """(params_k, params_q) of ResNet-50's shapes (ResNet-18's when quick), random values: a fresh init has
+    tiny weights whose EMA runs into denormals."""
     encoder = (torchvision.models.resnet18() if quick else torchvision.models.resnet50()).to(device)
-    # random values of the encoder's shapes: fresh init has tiny weights whose EMA runs into denormals
     params_q = [torch.randn_like(p) for p in encoder.parameters()]
-    params_k = [torch.randn_like(p) for p in params_q]
+    return [torch.randn_like(p) for p in params_q], params_q
+
+
+def bench_momentum_update(device: str, quick: bool = False, copy_gbps: float = 0.0, variants: bool = False) -> list[dict]:
+    params_k, params_q = ema_inputs(device, quick)
     numel = sum(p.numel() for p in params_q)
     nbytes = 12 * numel  # read p_k and p_q, write p_k (fp32)
     m = 0.999
     flat_q, flat_k = torch.randn(numel, device=device), torch.randn(numel, device=device)
     holders = [torch.nn.Parameter(p.clone(), requires_grad=False) for p in params_k]
-    del encoder
 
     def official_loop():  # facebookresearch/moco: a new tensor per parameter
         for p_q, p_k in zip(params_q, holders):
@@ -260,7 +265,7 @@ def bench_host(device: str, quick: bool = False) -> list[dict]:
     change on the same machine; compare medians against host_spread (relative interquartile range).
     The "kernel only" rows call the backend's kernel entry directly, past ops' checks and dispatch."""
     rows = []
-    q, k, queue = _infonce_inputs(8, 64, 300, torch.float32, device)
+    q, k, queue = infonce_inputs(8, 64, 300, torch.float32, device)
     for backend in ["reference"] + fast_backends("infonce", device):
         def step(b=backend):
             ops.infonce(q, k, queue, T, backend=b).backward()

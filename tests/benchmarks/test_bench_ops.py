@@ -5,11 +5,9 @@ benchmarked. These are figures, not tests: nothing here asserts a time.
 """
 import pytest
 import torch
-import torch.nn.functional as F
-import torchvision
 
 from moco_fast import ops
-from moco_fast.bench.ops import augment_inputs, fast_backends
+from moco_fast.bench.ops import augment_inputs, ema_inputs, fast_backends, infonce_inputs
 from moco_fast.bench.timing import sync
 from moco_fast.reference import enqueue_ref_, infonce_ref, momentum_update_ref_
 
@@ -26,10 +24,7 @@ def timed(benchmark, fn):
 
 @pytest.mark.parametrize("backend", ["reference"] + fast_backends("infonce", DEVICE))
 def test_bench_infonce(benchmark, backend):
-    N, C, K = 256, 128, 65536 if ON_GPU else 16384
-    q = F.normalize(torch.randn(N, C, device=DEVICE), dim=1).requires_grad_(True)
-    k = F.normalize(torch.randn(N, C, device=DEVICE), dim=1)
-    queue = F.normalize(torch.randn(K, C, device=DEVICE), dim=1)
+    q, k, queue = infonce_inputs(256, 128, 65536 if ON_GPU else 16384, torch.float32, DEVICE)
     loss_fn = infonce_ref if backend == "reference" else (
         lambda *a: ops.infonce(*a, backend=backend))
     timed(benchmark, lambda: loss_fn(q, k, queue, 0.2).backward())
@@ -37,8 +32,7 @@ def test_bench_infonce(benchmark, backend):
 
 @pytest.mark.parametrize("backend", ["reference", "foreach_lerp_"] + fast_backends("momentum_update", DEVICE))
 def test_bench_momentum_update(benchmark, backend):
-    params_q = [torch.randn_like(p) for p in torchvision.models.resnet50().to(DEVICE).parameters()]
-    params_k = [torch.randn_like(p) for p in params_q]
+    params_k, params_q = ema_inputs(DEVICE)
     if backend == "reference":
         fn = lambda: momentum_update_ref_(params_k, params_q, 0.999)  # noqa: E731
     elif backend == "foreach_lerp_":
